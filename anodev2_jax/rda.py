@@ -1,0 +1,242 @@
+"""Reaction-diffusion-advection (RDA) evolution of convolution kernels (Eq. 2.6, 2.7, B.3, B.4).
+
+A kernel ``w`` of Flax layout HWIO ``(kh, kw, cin, cout)`` is a field on a periodic,
+unit-spaced ``kh x kw`` grid (one field per ``(cin, cout)`` slice). It evolves by
+
+    dw/dt = sigma(d * Laplacian(w) + v . grad(w) + rho * w)          (Eq. 2.6)
+
+With constant coefficients the linear part has the exact Fourier-space solution (Eq. B.3)
+
+    w(t0 + dt) = IFFT2( exp(dt * lam(k)) * FFT2(w(t0)) ),
+    lam(k) = -d |k|^2 + i (k . v) + rho,          k = 2 pi fftfreq(n) on each spatial axis,
+
+and one step with the nonlinearity applies ``sigma`` after the exact linear step (Eq. B.4).
+
+Decisions (where the paper is silent):
+
+* **Nyquist mode of even sizes.** On an even grid the Nyquist wavenumber ``k = -pi`` has no
+  sign: a real field's Nyquist coefficient is real, and ``exp(i k v dt)`` would give it an
+  imaginary part that the inverse FFT cannot represent as a real kernel. We use the usual
+  spectral convention for odd derivatives and set the *advection* wavenumber of the Nyquist
+  bin to 0 (diffusion and reaction keep it). The discrete generator is then a real matrix,
+  the exact step is real for every size and the semigroup property ``step(dt)^2 ==
+  step(2 dt)`` holds exactly. The one consequence: on even sizes the Nyquist component is
+  not transported (a pure one-pixel shift is exact for odd sizes, and for even sizes on
+  fields without Nyquist content).
+* **Sign of advection.** ``+ v . grad(w)`` transports the field towards *negative* indices:
+  with ``v = (1, 0)`` and ``t = 1`` the result is ``roll(w, -1, axis=0)``.
+* **Coefficient dtype.** Coefficients are cast to the kernel's dtype, so a float32 kernel
+  evolves in complex64 and a float64 kernel in complex128.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Complex, Float
+
+__all__ = [
+    "RDACoeffs",
+    "wavenumbers",
+    "spectral_symbol",
+    "rda_multiplier",
+    "linear_step",
+    "evolve_weights",
+    "check_coeffs",
+]
+
+Nonlinearity = Optional[Callable[[Array], Array]]
+
+
+class RDACoeffs(NamedTuple):
+    """Coefficients of the RDA operator of Eq. 2.6 for one kernel (a pytree).
+
+    Attributes:
+      d: diffusion, must be ``>= 0``. Shape ``()`` (one scalar per kernel) or any shape
+        ``S`` broadcastable to the kernel's channel axes ``(cin, cout)`` (per-filter
+        coefficients, e.g. ``(cout,)`` or ``(cin, cout)``).
+      v: advection velocity, shape ``S + (2,)``; ``v[..., 0]`` pairs with kernel axis 0
+        (``kh``) and ``v[..., 1]`` with axis 1 (``kw``).
+      rho: reaction (exponential growth/decay rate), shape ``S``.
+    """
+
+    d: ArrayLike
+    v: ArrayLike
+    rho: ArrayLike
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...] = (), dtype=jnp.float32) -> "RDACoeffs":
+        """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``."""
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape + (2,), dtype), jnp.zeros(shape, dtype))
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_coeffs(coeffs: RDACoeffs, kernel_shape: tuple[int, ...], *, name: str = "coeffs") -> None:
+    """Validate RDA coefficients against a kernel shape; raise a ValueError/TypeError naming the fix.
+
+    Checks that ``coeffs`` is an ``RDACoeffs``, that ``d`` and ``rho`` share one batch shape
+    ``S`` broadcastable to the channel axes ``kernel_shape[2:]``, that ``v`` has shape
+    ``S + (2,)``, and that a concrete (non-traced) ``d`` is non-negative.
+    """
+    if not isinstance(coeffs, RDACoeffs):
+        raise TypeError(f"{name} must be an RDACoeffs(d, v, rho), got {type(coeffs).__name__}")
+    d, v, rho = (jnp.shape(c) for c in coeffs)
+    channel_shape = tuple(kernel_shape[2:])
+    if d != rho:
+        raise ValueError(f"{name}: d has shape {d} but rho has shape {rho}; they must match")
+    if v != d + (2,):
+        raise ValueError(
+            f"{name}: v has shape {v}; it must be d.shape + (2,) = {d + (2,)} "
+            "(one velocity per spatial axis)"
+        )
+    try:
+        fits = len(d) <= len(channel_shape) and np.broadcast_shapes(d, channel_shape) == channel_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name}: coefficient shape {d} does not broadcast to the kernel's channel axes "
+            f"{channel_shape}; use scalars or a shape like (cout,) or (cin, cout)"
+        )
+    for field in ("d", "v", "rho"):
+        value = getattr(coeffs, field)
+        if not jnp.issubdtype(jnp.result_type(value), jnp.floating) and not isinstance(value, (int, float)):
+            raise TypeError(f"{name}.{field} must be real floating point, got dtype {jnp.result_type(value)}")
+    if _is_concrete(coeffs.d):
+        d_min = float(np.min(np.asarray(coeffs.d)))
+        if not d_min >= 0.0:  # also catches NaN
+            raise ValueError(
+                f"{name}.d = {d_min} is negative (or NaN): diffusion must be >= 0 "
+                "(backward diffusion is ill-posed); parameterize d with softplus when learning it"
+            )
+
+
+def wavenumbers(n: int, dtype=jnp.float32) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+    """Angular wavenumbers ``k = 2 pi fftfreq(n)`` of a periodic unit grid of ``n`` points.
+
+    Returns ``(k, k_adv)`` where ``k_adv`` equals ``k`` except that the Nyquist bin of an
+    even ``n`` is 0 (see the module docstring: odd derivatives have no Nyquist component).
+    """
+    k = 2.0 * np.pi * np.fft.fftfreq(n)
+    k_adv = k.copy()
+    if n % 2 == 0:
+        k_adv[n // 2] = 0.0
+    return jnp.asarray(k, dtype), jnp.asarray(k_adv, dtype)
+
+
+def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp.float32) -> Complex[Array, "kh kw ..."]:
+    """The symbol ``lam(k) = -d |k|^2 + i (k . v) + rho`` of the linear RDA operator (Eq. B.2).
+
+    Args:
+      spatial_shape: ``(kh, kw)``.
+      coeffs: ``RDACoeffs`` with batch shape ``S``.
+      dtype: real dtype of the kernel (float32 -> complex64, float64 -> complex128).
+
+    Returns:
+      Complex array of shape ``(kh, kw) + S``.
+    """
+    kh, kw = spatial_shape
+    k0, k0_adv = wavenumbers(kh, dtype)
+    k1, k1_adv = wavenumbers(kw, dtype)
+    d = jnp.asarray(coeffs.d, dtype)
+    v = jnp.asarray(coeffs.v, dtype)
+    rho = jnp.asarray(coeffs.rho, dtype)
+    extra = (1,) * d.ndim
+    ksq = (k0[:, None] ** 2 + k1[None, :] ** 2).reshape((kh, kw) + extra)
+    k0_adv = k0_adv.reshape((kh, 1) + extra)
+    k1_adv = k1_adv.reshape((1, kw) + extra)
+    real = -d * ksq + rho
+    imag = k0_adv * v[..., 0] + k1_adv * v[..., 1]
+    real, imag = jnp.broadcast_arrays(real, imag)
+    return jax.lax.complex(real, imag)
+
+
+def rda_multiplier(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dtype=jnp.float32) -> Complex[Array, "kh kw ..."]:
+    """The exact propagator ``exp(dt * lam(k))`` of one linear RDA step (Eq. B.3)."""
+    lam = spectral_symbol(spatial_shape, coeffs, dtype)
+    return jnp.exp(lam * jnp.asarray(dt, dtype))
+
+
+def _align(m: Array, ndim: int) -> Array:
+    """Reshape a ``(kh, kw) + S`` multiplier to broadcast against a kernel of rank ``ndim``."""
+    s = m.shape[2:]
+    return m.reshape(m.shape[:2] + (1,) * (ndim - 2 - len(s)) + s)
+
+
+def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."]) -> Float[Array, "kh kw ..."]:
+    """``Re IFFT2(m * FFT2(w))`` over the two leading (spatial) axes.
+
+    For a Hermitian-symmetric ``m`` (every symbol built by :func:`spectral_symbol`) the
+    imaginary part is round-off and taking the real part is exact.
+    """
+    w_hat = jnp.fft.fft2(w, axes=(0, 1))
+    return jnp.real(jnp.fft.ifft2(_align(m, w.ndim) * w_hat, axes=(0, 1))).astype(w.dtype)
+
+
+def linear_step(w: Float[Array, "kh kw ..."], coeffs: RDACoeffs, dt) -> Float[Array, "kh kw ..."]:
+    """One exact linear RDA step of length ``dt`` (Eq. B.3): ``IFFT2(exp(dt lam) FFT2(w))``."""
+    _check_kernel(w)
+    check_coeffs(coeffs, w.shape)
+    return apply_multiplier(w, rda_multiplier(w.shape[:2], coeffs, dt, w.dtype))
+
+
+def _check_kernel(w) -> None:
+    if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
+        shape = getattr(w, "shape", type(w).__name__)
+        raise ValueError(
+            f"kernel has shape {shape}: expected rank 2 (kh, kw), 3 or 4 (kh, kw, cin, cout) "
+            "with the two spatial axes first (Flax HWIO layout)"
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"kernel dtype must be real floating point, got {w.dtype}")
+
+
+def evolve_weights(
+    w0: Float[Array, "kh kw ..."],
+    coeffs: RDACoeffs,
+    *,
+    num_steps: int,
+    dt,
+    nonlinearity: Nonlinearity = jnp.tanh,
+    trajectory: bool = False,
+) -> Float[Array, "kh kw ..."] | Float[Array, "steps+1 kh kw ..."]:
+    """Evolve a kernel by ``num_steps`` RDA steps (Eq. 2.7 / B.4).
+
+    Each step is ``w <- nonlinearity(IFFT2(exp(dt * lam) * FFT2(w)))`` over the two spatial
+    axes, ``lam = -d |k|^2 + i (k . v) + rho``. With ``nonlinearity=None`` this is the exact
+    solution of the linear PDE (Eq. B.3), a semigroup in ``dt``.
+
+    Args:
+      w0: kernel, shape ``(kh, kw)`` or HWIO ``(kh, kw, cin, cout)``; real floating dtype.
+      coeffs: ``RDACoeffs``; scalars per kernel or arrays broadcastable to ``(cin, cout)``.
+        A concrete negative ``d`` is rejected (``ValueError``).
+      num_steps: number of steps (static int, ``>= 0``).
+      dt: step length (the paper uses ``1 / num_steps``).
+      nonlinearity: elementwise ``sigma`` applied after each linear step, or None.
+      trajectory: if True return all ``num_steps + 1`` kernels stacked on a new leading
+        axis; index 0 is ``w0`` itself, untouched.
+
+    Returns:
+      The final kernel (same shape and dtype as ``w0``), or the stacked trajectory.
+    """
+    _check_kernel(w0)
+    check_coeffs(coeffs, w0.shape)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+        raise ValueError(f"num_steps={num_steps!r} must be a non-negative Python int")
+    if nonlinearity is not None and not callable(nonlinearity):
+        raise TypeError(f"nonlinearity={nonlinearity!r} must be callable or None")
+    m = rda_multiplier(w0.shape[:2], coeffs, dt, w0.dtype)  # computed once, reused every step
+    ws = [w0]
+    w = w0
+    for _ in range(num_steps):
+        w = apply_multiplier(w, m)
+        if nonlinearity is not None:
+            w = nonlinearity(w)
+        ws.append(w)
+    return jnp.stack(ws) if trajectory else w

@@ -221,5 +221,5 @@ def coupled_block(
         checkpoint_steps = remat == "step"
         block = lambda z0, theta0, coeffs, step_args: _forward(f, spec, z0, theta0, coeffs, step_args, checkpoint_steps)
     if remat in ("block", "step"):
-        block = jax.checkpoint(block)
+        block = ode.checkpoint(block)
     return block(z0, theta0, coeffs, step_args)

@@ -151,8 +151,9 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
     ksq = (k0[:, None] ** 2 + k1[None, :] ** 2).reshape((kh, kw) + extra)
     k0_adv = k0_adv.reshape((kh, 1) + extra)
     k1_adv = k1_adv.reshape((1, kw) + extra)
-    real = -d * ksq + rho
-    imag = k0_adv * v[..., 0] + k1_adv * v[..., 1]
+    lift = lambda c: c.reshape((1, 1) + c.shape)  # explicit ranks: no implicit rank promotion
+    real = -lift(d) * ksq + lift(rho)
+    imag = k0_adv * lift(v[..., 0]) + k1_adv * lift(v[..., 1])
     real, imag = jnp.broadcast_arrays(real, imag)
     return jax.lax.complex(real, imag)
 
@@ -160,7 +161,7 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
 def rda_multiplier(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dtype=jnp.float32) -> Complex[Array, "kh kw ..."]:
     """The exact propagator ``exp(dt * lam(k))`` of one linear RDA step (Eq. B.3)."""
     lam = spectral_symbol(spatial_shape, coeffs, dtype)
-    return jnp.exp(lam * jnp.asarray(dt, dtype))
+    return jnp.exp(lam * jnp.asarray(dt, dtype).astype(lam.dtype))
 
 
 def _align(m: Array, ndim: int) -> Array:

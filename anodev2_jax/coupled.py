@@ -97,14 +97,15 @@ def split_tree(theta0: PyTree, coeffs: PyTree):
             "coeffs must have the structure of theta0, with an RDACoeffs for each evolved kernel "
             f"and None for each static leaf; got coeffs structure {treedef} ({e})"
         ) from None
-    for i, (w, c) in enumerate(zip(flat_theta, flat_coeffs)):
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(coeffs, is_leaf=_is_coeff_leaf)[0]]
+    for path, w, c in zip(paths, flat_theta, flat_coeffs):
         if c is not None:
             if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
                 raise ValueError(
-                    f"theta0 leaf {i} has RDACoeffs but shape {jnp.shape(w)}: only kernels of rank 2-4 "
+                    f"theta0{path} has RDACoeffs but shape {jnp.shape(w)}: only kernels of rank 2-4 "
                     "(kh, kw[, cin, cout]) can evolve; give it None in coeffs to hold it static"
                 )
-            check_coeffs(c, w.shape, name=f"coeffs leaf {i}")
+            check_coeffs(c, w.shape, name=f"coeffs{path}")
     return flat_theta, flat_coeffs, treedef
 
 

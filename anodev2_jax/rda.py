@@ -86,7 +86,7 @@ def check_coeffs(coeffs: RDACoeffs, kernel_shape: tuple[int, ...], *, name: str 
     """
     if not isinstance(coeffs, RDACoeffs):
         raise TypeError(f"{name} must be an RDACoeffs(d, v, rho), got {type(coeffs).__name__}")
-    d, v, rho = (jnp.shape(c) for c in coeffs)
+    d, v, rho = (np.shape(c) for c in coeffs)
     channel_shape = tuple(kernel_shape[2:])
     if d != rho:
         raise ValueError(f"{name}: d has shape {d} but rho has shape {rho}; they must match")
@@ -106,8 +106,9 @@ def check_coeffs(coeffs: RDACoeffs, kernel_shape: tuple[int, ...], *, name: str 
         )
     for field in ("d", "v", "rho"):
         value = getattr(coeffs, field)
-        if not jnp.issubdtype(jnp.result_type(value), jnp.floating) and not isinstance(value, (int, float)):
-            raise TypeError(f"{name}.{field} must be real floating point, got dtype {jnp.result_type(value)}")
+        dt = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not (jnp.issubdtype(dt, jnp.floating) or jnp.issubdtype(dt, jnp.integer)):
+            raise TypeError(f"{name}.{field} must be real (floating point), got dtype {dt}")
     if _is_concrete(coeffs.d):
         d_min = float(np.min(np.asarray(coeffs.d)))
         if not d_min >= 0.0:  # also catches NaN

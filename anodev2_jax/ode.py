@@ -288,8 +288,8 @@ def odeint_diffrax(
       solver: ``"euler"``, ``"rk2"`` (diffrax ``Midpoint``) or ``"rk4"`` (classical RK4
         built from a diffrax ``ButcherTableau``).
       adjoint: ``"backsolve"`` or ``"checkpoint"``.
-      step_args: optional per-step pytree as in :func:`odeint_fixed`; the vector field at
-        time ``t`` uses slice ``clip(round(t * num_steps), 0, num_steps - 1)`` (the backward
+      step_args: optional per-step pytree as in :func:`odeint_fixed` (Euler only); the vector
+        field at time ``t`` uses slice ``clip(round(t * num_steps), 0, num_steps - 1)`` (the backward
         solve of ``"backsolve"`` evaluates at the right end of each step, one more source
         of its gradient error).
 
@@ -303,6 +303,13 @@ def odeint_diffrax(
     check_choice("adjoint", adjoint, ("backsolve", "checkpoint"))
     if step_args is not None:
         _leading_len(step_args, "step_args", num_steps)
+        if solver != "euler":
+            # an interior stage time (t_n + h/2, t_n + h) does not identify its step: rk4's last
+            # stage coincides with the start of step n + 1
+            raise ValueError(
+                f"odeint_diffrax: step_args need solver='euler' (got solver={solver!r}): a stage time "
+                "does not identify its step; use odeint_fixed, or static weights"
+            )
 
     def vector_field(t, z, args):
         theta, step_args = args

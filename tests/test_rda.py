@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 
 from anodev2_jax import RDACoeffs, evolve_weights, linear_step, spectral_symbol
-from anodev2_jax.rda import apply_multiplier, rda_multiplier
+from anodev2_jax.rda import apply_matrix, apply_multiplier, propagator_matrix, rda_multiplier
 
 from helpers import tree_allclose
 
@@ -121,6 +121,23 @@ def test_gaussian_diffuses_to_wider_gaussian():
     expect = gauss(s2 + 2 * d * t)
     # only sampling/aliasing error of a band-limited Gaussian on a 64-point periodic grid
     np.testing.assert_allclose(out, expect, rtol=0, atol=1e-12 * expect.max())
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 6])
+@pytest.mark.parametrize("coeff_shape", [(), (4,), (1, 4), (3, 1), (3, 4)])
+def test_matrix_and_fft_paths_agree(n, coeff_shape):
+    # evolve_weights uses the propagator matrix for small coefficient batches and the FFT
+    # for large ones; both must be the same exact step (and both must stay real).
+    w = kernel(13, (n, n, 3, 4))
+    r = np.random.default_rng(n)
+    c = RDACoeffs(jnp.asarray(r.uniform(0, 0.5, coeff_shape)), jnp.asarray(r.normal(size=coeff_shape + (2,))), jnp.asarray(r.normal(scale=0.3, size=coeff_shape)))
+    fft_path = w
+    for _ in range(3):
+        fft_path = linear_step(fft_path, c, 0.3)
+    np.testing.assert_allclose(evolve_weights(w, c, num_steps=3, dt=0.3, nonlinearity=None), fft_path, rtol=1e-12, atol=1e-13)
+    p = propagator_matrix((n, n), c, 0.3, F64)
+    m = rda_multiplier((n, n), c, 0.3, F64)
+    np.testing.assert_allclose(apply_matrix(w, p), apply_multiplier(w, m), rtol=1e-12, atol=1e-13)
 
 
 def test_trajectory_stacks_all_steps_with_w0_untouched():

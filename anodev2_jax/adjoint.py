@@ -249,5 +249,5 @@ _coupled_discrete.defvjp(_primal_fwd, _primal_bwd)
 
 
 def coupled_block_discrete(f, spec: BlockSpec, z0, theta0, coeffs, step_args):
-    """``coupled_block`` whose VJP is the hand-written adjoint (used by ``adjoint="discrete"``)."""
+    """``coupled_block`` whose VJP is the hand-written Eq. 2.5 adjoint (used by ``adjoint="discrete"``)."""
     return _coupled_discrete(f, spec, z0, theta0, _as_arrays(coeffs), step_args)

@@ -40,7 +40,7 @@ PyTree = Any
 
 
 def trajectory_indices(steps_z: int, steps_w: int, schedule: str) -> tuple[int, ...]:
-    """Index into the weight trajectory used by each activation step (length ``steps_z``).
+    """Index into the weight trajectory used by each activation step (Eq. 2.7, Appendix B; length ``steps_z``).
 
     ``idx_n = round(tau_n * steps_w)`` with ``tau_n`` as in the module docstring.
     """

@@ -84,7 +84,7 @@ def _axpy(h, k, z):
 
 
 def checkpoint(fn: Callable) -> Callable:
-    """Rematerialize ``fn`` in the backward pass, in order: a ``jax.checkpoint`` that works unrolled.
+    """Rematerialize ``fn`` in the backward pass, in order: ANODE [9] checkpointing that works unrolled.
 
     ``fn(*args)`` takes and returns pytrees of arrays. The forward pass keeps only the
     inputs; the backward pass recomputes ``fn`` (inside its own ``jax.vjp``) right before
@@ -159,7 +159,7 @@ def solve_steps(
     checkpoint_steps: bool = False,
     has_aux: bool = False,
 ):
-    """Unrolled fixed-step solve with an explicit weight pytree per step (the shared core).
+    """Unrolled fixed-step solve of Eq. 1.1b / 2.3b with an explicit weight pytree per step (the shared core).
 
     ``len(thetas)`` is the number of steps ``N`` and ``h = 1/N``. ``checkpoint_steps`` wraps
     each step in ``jax.checkpoint`` (the inner part of ``remat="step"``).
@@ -179,6 +179,7 @@ def solve_steps(
 
 
 def stack_aux(auxs: Sequence[PyTree]) -> PyTree:
+    """Stack a list of per-step pytrees on a new leading axis."""
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *auxs)
 
 

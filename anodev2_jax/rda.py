@@ -183,7 +183,7 @@ def _align(m: Array, ndim: int) -> Array:
 
 
 def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."]) -> Float[Array, "kh kw ..."]:
-    """``Re IFFT2(m * FFT2(w))`` over the two leading (spatial) axes.
+    """``Re IFFT2(m * FFT2(w))`` over the two leading (spatial) axes (the Fourier-space step of Eq. B.3).
 
     For a Hermitian-symmetric ``m`` (every symbol built by :func:`spectral_symbol`) the
     imaginary part is round-off and taking the real part is exact.
@@ -222,7 +222,7 @@ def _use_matrix(kernel_shape: tuple[int, ...], coeff_shape: tuple[int, ...]) -> 
 
 
 def apply_matrix(w: Float[Array, "kh kw ..."], p: Float[Array, "... K K"]) -> Float[Array, "kh kw ..."]:
-    """``P @ w`` over the flattened spatial axes, ``P`` of batch shape ``S`` aligned to the channels."""
+    """``P @ w`` over the flattened spatial axes (Eq. B.3 in matrix form), ``P`` of batch shape ``S`` aligned to the channels."""
     kh, kw = w.shape[:2]
     nc = w.ndim - 2
     s = p.shape[:-2]

@@ -36,8 +36,10 @@ axis (aux is not differentiated: use it for statistics such as BatchNorm's batch
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,11 +242,13 @@ def odeint_fixed(
     return solve(z0, theta, step_args)
 
 
+@functools.lru_cache(maxsize=None)
 def _diffrax_rk4_class():
     """The classical 4th-order Runge-Kutta method as a diffrax explicit RK solver.
 
     diffrax ships no classical RK4; the tableau below is the textbook one, so diffrax's
-    integrator is an independent check of :func:`odeint_fixed`'s ``"rk4"``.
+    integrator is an independent check of :func:`odeint_fixed`'s ``"rk4"``. Built once
+    (cached) so repeated solves hit diffrax's compilation cache.
     """
     import diffrax
 
@@ -261,6 +265,21 @@ def _diffrax_rk4_class():
             return 4
 
     return ClassicalRK4
+
+
+class _VectorField(eqx.Module):
+    """``(t, z, (theta, step_args)) -> f(z, theta[, args_n])``; a Module so that equal ``f``
+    and ``num_steps`` compare equal and diffrax's compiled solve is reused across calls."""
+
+    f: Callable = eqx.field(static=True)
+    num_steps: int = eqx.field(static=True)
+
+    def __call__(self, t, z, args):
+        theta, step_args = args
+        if step_args is None:
+            return self.f(z, theta)
+        n = jnp.clip(jnp.round(t * self.num_steps).astype(jnp.int32), 0, self.num_steps - 1)
+        return self.f(z, theta, jax.tree_util.tree_map(lambda a: a[n], step_args))
 
 
 def odeint_diffrax(
@@ -312,18 +331,11 @@ def odeint_diffrax(
                 "does not identify its step; use odeint_fixed, or static weights"
             )
 
-    def vector_field(t, z, args):
-        theta, step_args = args
-        if step_args is None:
-            return f(z, theta)
-        n = jnp.clip(jnp.round(t * num_steps).astype(jnp.int32), 0, num_steps - 1)
-        return f(z, theta, jax.tree_util.tree_map(lambda a: a[n], step_args))
-
     dsolver = {"euler": diffrax.Euler, "rk2": diffrax.Midpoint, "rk4": _diffrax_rk4_class()}[solver]()
     adj = diffrax.BacksolveAdjoint(solver=dsolver) if adjoint == "backsolve" else diffrax.RecursiveCheckpointAdjoint()
     dtype = jnp.result_type(z0)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field),
+        diffrax.ODETerm(_VectorField(f, num_steps)),
         dsolver,
         t0=jnp.asarray(0.0, dtype),
         t1=jnp.asarray(1.0, dtype),

@@ -1,0 +1,299 @@
+"""End-to-end tests of anodev2_jax.training on generated data (tiny batches, one or two epochs).
+
+Every test drives ``train_and_evaluate`` in process (STYLE.md 13) under the suite's strict
+dtype and rank promotion with x64 enabled: training must stay float32 by itself. Runs of
+the same setup share compiled programs (``training._programs`` is cached), so the resume
+and seed tests compile each program once.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import max_rel_err, tree_allclose
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs package lives at the repository root
+
+from configs import default, smoke  # noqa: E402
+
+from anodev2_jax import models, training  # noqa: E402
+
+
+def tiny_config(model="resnet4", method="baseline", **overrides):
+    """A config of a two-step run: 16 synthetic training images, batch 8, one epoch.
+
+    The tests share it (only seeds, epochs and logging vary; the learning rate drops
+    after epoch 1), so they share compiled programs.
+    """
+    config = default.get_config(method)
+    config.model = model
+    config.dataset = "synthetic"
+    config.num_train = 16
+    config.num_test = 16
+    config.batch_size = 8
+    config.num_epochs = 1
+    config.lr_boundaries_epochs = (1,)
+    config.learning_rate = 0.01
+    config.log_every_steps = 0
+    for name, value in overrides.items():
+        config[name] = value
+    return config
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def restore_state(workdir, epoch):
+    """The raw checkpoint of ``epoch`` (nested dicts of arrays, no target needed)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir, "checkpoints").absolute()) as manager:
+        return manager.restore(epoch, args=ocp.args.StandardRestore())
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in records]
+
+
+# ----------------------------------------------------------------------------- every model x method
+
+
+def _combo_params():
+    for name in models.MODELS:
+        for method in models.METHODS:
+            marks = [pytest.mark.slow] if name != "resnet4" else []  # ~10-40 s each on 2 shared CPU cores
+            yield pytest.param(name, method, id=f"{name}-{method}", marks=marks)
+
+
+@pytest.mark.parametrize("name, method", list(_combo_params()))
+def test_two_steps_every_model_and_method(tmp_path, name, method):
+    summary = training.train_and_evaluate(tiny_config(name, method), tmp_path)
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("test_accuracy", "test_loss", "num_params", "wall_time_s", "images_per_s", "model", "method", "config"):
+        assert key in on_disk, key
+    assert (on_disk["model"], on_disk["method"], on_disk["seeds"], on_disk["steps"]) == (name, method, [0], 2)
+    assert len(on_disk["test_accuracy"]) == len(on_disk["test_loss"]) == 1
+    assert 0.0 <= on_disk["test_accuracy_avg"] <= 1.0 and math.isfinite(on_disk["test_loss"][0])
+    assert math.isfinite(on_disk["train_loss"][0])
+    shapes = jax.eval_shape(models.get_model(name, method).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    assert on_disk["num_params"] == models.count_params(shapes["params"])
+
+    (record,) = read_metrics(tmp_path)
+    assert record["kind"] == "epoch" and (record["epoch"], record["step"], record["seed"]) == (1, 2, 0)
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "images_per_s"):
+        assert math.isfinite(record[key]), key
+    assert record["learning_rate"] == pytest.approx(0.01)
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == method
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert list((tmp_path / "tensorboard" / "seed0").glob("events.out.tfevents.*"))
+
+    state = restore_state(tmp_path, 1)
+    for leaf in jax.tree_util.tree_leaves(state["params"]):
+        assert leaf.dtype == np.float32 and leaf.shape[0] == 1  # float32, leading seed axis
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_smoke_config_learns(tmp_path):
+    summary = training.train_and_evaluate(smoke.get_config(), tmp_path)
+    epochs = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert summary["test_accuracy"][0] > 0.3  # chance: 0.1
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def test_vmapped_seeds_equal_single_runs(tmp_path):
+    """Replica i of ``num_seeds=2`` (one vmapped program) is the single run with seed ``seed + i``."""
+    both = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf2", num_seeds=2, seed=3), tmp_path / "both")
+    assert both["seeds"] == [3, 4]
+    vmapped = restore_state(tmp_path / "both", 1)
+    for i, seed in enumerate((3, 4)):
+        single = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf2", seed=seed), tmp_path / f"seed{seed}")
+        alone = restore_state(tmp_path / f"seed{seed}", 1)
+        replica = jax.tree.map(lambda a: a[i : i + 1], vmapped)
+        # float32: the vmapped convs sum in another order. Scalar RDA coefficients hold
+        # ~1e-4 after two steps, their gradients sums that cancel: hence the atol.
+        assert tree_allclose(replica["params"], alone["params"], rtol=1e-4, atol=1e-6), max_rel_err(replica, alone)
+        assert tree_allclose(replica["batch_stats"], alone["batch_stats"], rtol=1e-4, atol=1e-6)
+        assert tree_allclose(replica["opt_state"], alone["opt_state"], rtol=1e-4, atol=1e-4)
+        assert np.array_equal(replica["step"], alone["step"])
+        assert single["test_loss"][0] == pytest.approx(both["test_loss"][i], rel=1e-4)
+        assert single["train_loss"][0] == pytest.approx(both["train_loss"][i], rel=1e-4)
+    # Independent replicas: different initializations and data orders.
+    assert max_rel_err(jax.tree.map(lambda a: a[:1], vmapped["params"]), jax.tree.map(lambda a: a[1:], vmapped["params"])) > 0.1
+    records = read_metrics(tmp_path / "both")
+    assert [(r["epoch"], r["seed"]) for r in records] == [(1, 3), (1, 4)]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    kw = dict(log_every_steps=1)  # 2 steps per epoch, the learning rate drops after epoch 1
+    training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf1", num_epochs=2, **kw), tmp_path / "full")
+
+    first = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf1", num_epochs=1, **kw), tmp_path / "cut")
+    assert first["steps"] == 2
+    # A crash during epoch 2: a metrics record past the checkpoint, and a checkpoint cut off
+    # mid-write (orbax's temporary directory, renamed into place only when complete).
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "step", "step": 3, "epoch": 2}) + "\n")
+    partial = tmp_path / "cut" / "checkpoints" / "2.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "garbage").write_bytes(b"\0" * 10)
+    resumed = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf1", num_epochs=2, **kw), tmp_path / "cut")
+    assert resumed["resumed_from_epoch"] == 1 and resumed["steps"] == 4
+    assert not partial.exists()  # cleaned up, never loaded
+
+    full, cut = restore_state(tmp_path / "full", 2), restore_state(tmp_path / "cut", 2)
+    assert tree_allclose(cut, full, rtol=0, atol=0)  # same programs, same inputs: bitwise equal
+    assert int(np.asarray(cut["step"])[0]) == 4
+    # The stray record after the checkpoint (a crashed run's tail) is dropped on resume.
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(read_metrics(tmp_path / "full"))
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["num_epochs"] == 2
+
+
+def test_resume_of_a_finished_run_only_evaluates(tmp_path):
+    config = tiny_config()
+    done = training.train_and_evaluate(config, tmp_path)
+    again = training.train_and_evaluate(config, tmp_path)
+    assert again["steps"] == done["steps"] == 2 and again["resumed_from_epoch"] == 1
+    assert again["test_accuracy"] == done["test_accuracy"]
+    assert len(read_metrics(tmp_path)) == 1
+
+
+# ----------------------------------------------------------------------------- validation in process
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(model="vgg"), "config.model='vgg'"),
+        (dict(method="ode"), "config.method='ode'"),
+        (dict(method="anodev2_conf1", steps_w=7), "steps_w=7 is not a multiple of steps_z=5"),
+        (dict(steps_z=0), "config.steps_z=0"),
+        (dict(batch_size=0), "config.batch_size=0"),
+        (dict(batch_size=32), "batch_size=32 exceeds the 16 training examples"),
+        (dict(lr_boundaries_epochs=(3, 2)), "lr_boundaries_epochs"),
+        (dict(dataset="npz", data_dir="/does/not/exist.npz"), "does not exist"),
+    ],
+)
+def test_bad_config_fails_before_writing(tmp_path, overrides, match):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=match) as info:
+        training.train_and_evaluate(tiny_config(**overrides), workdir)
+    assert "\n" not in str(info.value)
+    assert not workdir.exists()
+
+
+def test_unknown_field_and_other_config_in_workdir(tmp_path):
+    config = tiny_config()
+    config.unlock()
+    config.foo = 1
+    with pytest.raises(training.ConfigError, match="unknown config field.*foo"):
+        training.train_and_evaluate(config, tmp_path / "a")
+
+    workdir = tmp_path / "b"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(training._config_dict(tiny_config(method="anode"))))
+    before = (workdir / "config.json").read_text()
+    with pytest.raises(training.ConfigError, match="method='anode'.*--config.method='anode'"):
+        training.train_and_evaluate(tiny_config(), workdir)
+    assert (workdir / "config.json").read_text() == before and sorted(os.listdir(workdir)) == ["config.json"]
+    # An explicit value equal to the method's default is the same run as None.
+    (workdir / "config.json").write_text(json.dumps(training._config_dict(tiny_config(method="anode", steps_z=2))))
+    training.validate_config(tiny_config(method="anode"))
+    assert training._check_workdir(workdir, training._config_dict(tiny_config(method="anode"))) is not None
+
+
+def test_default_config_fields_are_the_validated_ones():
+    for get_config in (default.get_config, smoke.get_config):
+        config = get_config()
+        training.validate_config(config)
+        assert set(config.keys()) == set(training._FIELD_CHECKS)
+    from configs import alexnet, resnet4, resnet10
+
+    assert alexnet.get_config("anode").lr_boundaries_epochs == (40, 80, 100)
+    assert (resnet4.get_config("anodev2_conf2").method, resnet10.get_config().model) == ("anodev2_conf2", "resnet10")
+    config = resnet4.get_config("anodev2_conf1")
+    assert training.default_workdir(config).startswith(os.path.join("runs", "resnet4-anodev2_conf1-seed0-"))
+
+
+def test_weight_decay_skips_rda_coefficients():
+    params = {"conv1": {"kernel": 1.0, "rda_d_raw": 2.0, "rda_v": 3.0, "rda_rho": 4.0}, "bn": {"scale": 5.0}}
+    mask = training.weight_decay_mask(params)
+    assert mask == {"conv1": {"kernel": True, "rda_d_raw": False, "rda_v": False, "rda_rho": False}, "bn": {"scale": True}}
+    assert all(jax.tree_util.tree_leaves(training.weight_decay_mask(params, decay_rda_coeffs=True)))
+    schedule = training.learning_rate_schedule(default.get_config(), steps_per_epoch=10)
+    lrs = [float(schedule(s)) for s in (0, 1499, 1500, 2999, 3000)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    assert schedule(0).dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, {repo!r})
+    from configs import default
+    from anodev2_jax import data, training
+
+    assert jax.device_count() == 4, jax.devices()
+    config = default.get_config("anode")  # ODE block with per-step BN; compiles fastest
+    ds = data.load_dataset("synthetic", num_train=16, num_test=16)
+    model = training.create_model(config)
+    tx, _ = training.create_optimizer(config, steps_per_epoch=1)
+    results = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+        mesh = training.make_mesh(devices)
+        state = training.init_train_state(model, tx, [0], mesh)
+        step = training.make_train_step(model, tx, mesh, 1)
+        batch = training.batch_sharding(mesh)
+        images = training.put_global(ds.x_train[None], batch)
+        labels = training.put_global(ds.y_train[None], batch)
+        assert len(images.sharding.device_set) == len(devices)
+        seeds = training.put_global(np.zeros((1,), np.int32), training.replicated(mesh))
+        for _ in range(2):
+            state, metrics = step(state, images, labels, seeds)
+        assert len(state.params["fc"]["kernel"].sharding.device_set) == len(devices)
+        results.append(jax.device_get((metrics, state)))
+    (m4, s4), (m1, s1) = results
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s4), jax.tree_util.tree_leaves(s1)):
+        # float32: the gradient all-reduce sums in another order; atol scales with the leaf.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
+    print("OK", float(m4["loss"][0]), float(m1["loss"][0]))
+    """
+)
+
+
+def test_four_devices_equal_one_device():
+    """Two data-parallel steps over 4 (fake CPU) devices equal the same steps on 1 device."""
+    # Optimization level 0: XLA:CPU compiles threefry and the model ~5x faster; both sides alike.
+    flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEVICE_SCRIPT.format(repo=str(REPO))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK"), proc.stdout

@@ -215,10 +215,11 @@ def propagator_matrix(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dty
 
 
 def _use_matrix(kernel_shape: tuple[int, ...], coeff_shape: tuple[int, ...]) -> bool:
-    # Building P costs K^3 per coefficient set; applying it costs K^2 per channel slice. Use it
-    # unless there are more coefficient sets than channel slices / K (e.g. (cin, cout) arrays).
+    # Building P costs K^3 per coefficient set and applying it K^2 per channel slice, against
+    # O(K log K) for the FFT: worth it for kernel-sized grids (K <= 64, up to 8x8) unless there
+    # are more coefficient sets than channel slices / K (e.g. (cin, cout) arrays).
     k = kernel_shape[0] * kernel_shape[1]
-    return int(np.prod(coeff_shape)) * k <= max(k, int(np.prod(kernel_shape[2:])))
+    return k <= 64 and int(np.prod(coeff_shape)) * k <= max(k, int(np.prod(kernel_shape[2:])))
 
 
 def apply_matrix(w: Float[Array, "kh kw ..."], p: Float[Array, "... K K"]) -> Float[Array, "kh kw ..."]:

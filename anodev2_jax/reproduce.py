@@ -148,17 +148,19 @@ PAPER_PARAMS: dict[str, dict[str, str]] = {
 
 PAPER_SEEDS = 5
 SUMMARY_FILE = "summary.json"
-# Config fields a finished run may differ in and still count as "the same run" (where the
-# data lives, how often to log / evaluate / checkpoint, multi-host start-up).
-_IGNORED_FIELDS = (
-    "data_dir",
-    "eval_every_epochs",
-    "eval_batch_size",
-    "log_every_steps",
-    "checkpoint_every_epochs",
-    "keep_checkpoints",
-    "distributed",
-)
+
+
+def _ignored_fields() -> set[str]:
+    """Config fields a finished run may differ in and still count as "the same run".
+
+    The fields a restart may change (``training.RESUMABLE_FIELDS``: where the data lives,
+    how often to log / evaluate / checkpoint, multi-host start-up...) except ``num_epochs``,
+    which changes what the finished run is.
+    """
+    from anodev2_jax import training  # lazy: --help and --report-only stay light
+
+    return set(training.RESUMABLE_FIELDS) - {"num_epochs"}
+
 
 Stats = tuple[float, float, float]
 
@@ -445,7 +447,7 @@ def is_done(workdir: str | Path, config) -> bool:
     if not isinstance(stored, dict):
         return True
     wanted = _plain(config)
-    keys = (set(stored) | set(wanted)) - set(_IGNORED_FIELDS)
+    keys = (set(stored) | set(wanted)) - _ignored_fields()
     return all(stored.get(k) == wanted.get(k) for k in keys)
 
 

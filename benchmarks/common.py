@@ -38,6 +38,13 @@ METHOD_ROWS = {
     "conf1": ("anodev2_conf1", {}),
     "conf2": ("anodev2_conf2", {}),
 }
+# Optional rows (``--methods``): the configurations without checkpointing, as the paper counts FLOPs.
+EXTRA_ROWS = {
+    "conf1_none": ("anodev2_conf1", {"remat": "none"}),
+    "conf2_none": ("anodev2_conf2", {"remat": "none"}),
+    "anode_z5_none": ("anode", {"steps_z": 5, "remat": "none"}),
+}
+ALL_ROWS = {**METHOD_ROWS, **EXTRA_ROWS}
 MODEL_TITLES = {"resnet4": "ResNet-4", "resnet10": "ResNet-10", "alexnet": "AlexNet"}
 
 

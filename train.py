@@ -11,12 +11,22 @@ overridden (``--config.FIELD=VALUE``); ``--workdir`` defaults to a new directory
 ``runs/<model>-<method>-seed<N>-<time>``; a workdir holding a run of the same config is
 resumed from its latest checkpoint. All the work is ``anodev2_jax.training.train_and_evaluate``.
 
-Bad input (unknown or ill-typed config field, bad model / method / ODE knob, batch size,
-data, or a workdir holding another config's run) exits with status 2 and one line on
-stderr naming the field and the fix, before anything is written; ``--verbose`` shows the
-traceback instead.
+Exit status, each failure with one line on stderr naming the cause and the fix (``--verbose``
+shows the traceback instead):
+
+* 0: finished (``workdir/summary.json`` written).
+* 2: bad input, found before anything is written: an unknown or ill-typed config field,
+  a bad model / method / ODE knob or batch size, bad data, a workdir holding another
+  config's run or an unreadable checkpoint, a workdir that is not writable.
+* 3: the loss or gradients became NaN / Inf (``config.nonfinite="stop"``); the line names
+  the step and the last good checkpoint, left intact.
+* 4: writing the run directory failed (disk full, quota); earlier checkpoints are intact.
+* 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint of the current
+  step; rerun the same command to resume. A second Ctrl-C aborts without saving (130).
 """
 
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -27,12 +37,12 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/resne
 flags.DEFINE_string("workdir", None, "Run directory (default: a new one under runs/).")
 flags.DEFINE_bool("verbose", False, "Log INFO messages and show tracebacks of bad-input errors.")
 
-_EXIT_BAD_INPUT = 2
+_EXIT_BAD_INPUT, _EXIT_NONFINITE, _EXIT_WRITE = 2, 3, 4
 
 
-def _fail(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(_EXIT_BAD_INPUT)
+def _fail(message: str, status: int = _EXIT_BAD_INPUT, prefix: str = "error: ") -> None:
+    print(f"{prefix}{' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
 
 
 def _parse_flags(argv):
@@ -62,10 +72,33 @@ def _parse_flags(argv):
     return rest
 
 
+def _quiet_checkpoint_errors() -> None:
+    """Without --verbose, a failed checkpoint write is one line (training.WriteError), not three dozen.
+
+    Orbax logs its background writer's failure itself, asyncio logs the failures of orbax's
+    other pending writes ("exception was never retrieved", at exit), and tensorstore's
+    callbacks into the event loop orbax has already closed print "Event loop is closed"
+    tracebacks as unraisable exceptions; all are hidden here (orbax's and asyncio's log
+    lines altogether: nothing else here uses asyncio, and orbax's failures reach the user
+    as training errors).
+    """
+    logging.get_absl_logger().addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass options as --flag=value")
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    if not FLAGS.verbose:
+        _quiet_checkpoint_errors()
     from anodev2_jax import data, training  # after flag parsing: --help stays fast
 
     config = FLAGS.config
@@ -78,6 +111,20 @@ def main(argv):
         if FLAGS.verbose:
             raise
         _fail(e)
+    except training.Preempted as e:  # not an error: the checkpoint is saved
+        _fail(e, 128 + e.signum, prefix="")
+    except training.NonFiniteError as e:
+        if FLAGS.verbose:
+            raise
+        _fail(e, _EXIT_NONFINITE)
+    except training.WriteError as e:
+        if FLAGS.verbose:
+            raise
+        _fail(e, _EXIT_WRITE)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while saving
+        if FLAGS.verbose:
+            raise
+        _fail("interrupted: stopped without saving; rerun the same command to resume from the last checkpoint", 130)
 
 
 if __name__ == "__main__":

@@ -42,22 +42,78 @@ Decisions (where the paper and DESIGN.md are silent):
   axis, the state is replicated, and one ``jax.jit`` step (state donated) lets XLA insert
   the gradient all-reduce. BatchNorm statistics are therefore global over the whole
   batch, as on one device. Batches are assembled with ``jax.make_array_from_callback``
-  from the global batch every process computes identically, so the same code runs on
-  several hosts (``config.distributed=True`` calls ``jax.distributed.initialize()``
-  first). ``batch_size`` (and ``eval_batch_size``) must divide by the device count.
+  from the global batch every process computes identically (each process's devices
+  receive only their rows), so the same code runs on several processes or hosts:
+  ``config.distributed=True`` calls ``jax.distributed.initialize()`` first, configured by
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where set and
+  auto-detected on a cluster otherwise; only process 0 writes the run directory's files
+  (orbax coordinates the checkpoints); tested with two CPU processes
+  (``tests/test_distributed.py``). ``batch_size`` (and ``eval_batch_size``) must divide by
+  the global device count.
 * **Evaluation** runs on the whole test split with the running BatchNorm statistics
   (``train=False``), in batches of ``eval_batch_size`` whose padded last batch is masked.
   It runs every ``eval_every_epochs`` epochs and always after the last one.
 * **Checkpoints** (orbax ``CheckpointManager`` in ``workdir/checkpoints``): the whole
   train state (params, batch_stats, optimizer state with its step count, global step)
-  under the checkpoint step = number of completed epochs, every
-  ``checkpoint_every_epochs`` epochs and after the last, the last ``keep_checkpoints``
-  kept. A run restarted in the same workdir resumes from the latest one. Orbax writes
-  each checkpoint into a temporary directory and renames it into place only once
-  complete (on a local file system; a ``commit_success`` marker on object stores), and
-  ``latest_step()`` never lists such temporaries, so a checkpoint cut off mid-write is
-  never loaded (leftovers are deleted at start, ``cleanup_tmp_directories``). We rely on
-  that rather than writing our own marker.
+  plus the training loop's per-seed accumulators (``"loop"``: the running sums of the
+  current epoch's and logging window's loss and accuracy, and the skipped-step counts),
+  numbered by **global optimizer step** (``checkpoints/<step>``; after epoch ``e`` that is
+  ``e * steps_per_epoch``), every ``checkpoint_every_epochs`` epochs, after the last
+  epoch, and when a stop signal arrives mid-epoch; the last ``keep_checkpoints`` are
+  kept. A run restarted in the same workdir resumes from the latest one: mid-epoch, it
+  replays the same epoch order from the next batch on with the stored sums, so metrics
+  and state end as in an uninterrupted run. A checkpoint at step ``s`` means every
+  metrics record up to ``s`` was written (an epoch's record before its end-of-epoch
+  checkpoint). Orbax writes each checkpoint into a temporary directory and renames it
+  into place only once complete (on a local file system; a ``commit_success`` marker on
+  object stores), and ``latest_step()`` never lists such temporaries, so a checkpoint
+  cut off mid-write is never loaded (leftovers are deleted at start,
+  ``cleanup_tmp_directories``). We rely on that rather than writing our own marker. The
+  latest checkpoint is restored *before* anything is written: one that cannot be read
+  (corrupt, or another model's) is a :class:`ConfigError` that names it, and the
+  workdir is left as it was.
+* **Stop signals** (SIGTERM from a scheduler's preemption, SIGINT from Ctrl-C): during
+  the training loop a handler only records the signal; the loop finishes the current
+  step, saves a checkpoint at that step (and waits for it), restores the previous
+  handlers and raises :class:`Preempted` naming the signal, step and checkpoint.
+  ``train.py`` prints that line and exits with ``128 + signum`` (143 for SIGTERM, 130 for
+  SIGINT); rerunning the same command resumes. A second signal aborts at once
+  (``KeyboardInterrupt``, nothing saved; the previous checkpoint stays valid). A signal
+  arriving during the last epoch's evaluation lets the run finish; one arriving before the
+  loop (while loading data or compiling the init) ends the process as usual, and the
+  restart resumes from the last checkpoint. With several
+  processes (``config.distributed``) no Python handler is installed: SIGTERM is agreed on
+  through JAX's preemption sync point (``multihost_utils.reached_preemption_sync_point``),
+  so all processes save at the same step.
+* **Non-finite values.** The jitted step computes one flag per replica: loss, gradients
+  and the updated params and BatchNorm statistics all finite. A non-finite step never
+  changes a float leaf of the state (params, BatchNorm statistics, momentum: a
+  ``jnp.where`` on the flag); integer counters (global step, optax's schedule count)
+  advance, so the learning-rate schedule and data order stay on the global step. Its
+  loss and accuracy are reported as 0 and left out of the means. The host reads the
+  flags only where it syncs anyway: at each ``log_every_steps`` record, at the end of
+  each epoch and before every checkpoint, so no state is saved before its flags are
+  checked. ``config.nonfinite="stop"`` (default) then raises :class:`NonFiniteError`
+  naming the first bad step and the last good checkpoint, which is left intact (nothing
+  newer is written, metrics included); ``"skip"`` counts the skipped steps per seed
+  (``nonfinite_skipped`` in the epoch records and ``summary.json``) and goes on.
+* **Write failures** (a full disk, a quota, permissions changed mid-run) raise
+  :class:`WriteError` naming the file and the OS error; a failed checkpoint write leaves
+  the earlier checkpoints untouched (its temporary directory is removed at the next
+  start). A workdir that is not writable is a :class:`ConfigError` before anything runs.
+* **Determinism.** On CPU, training is bitwise deterministic for a fixed config and
+  seed: every random choice derives from (seed, epoch, step), XLA:CPU runs the same
+  program in the same order, and so a run killed (even with SIGKILL) and resumed any
+  number of times ends with exactly the params, optimizer state and metrics (timings
+  aside) of an uninterrupted one (``tests/test_reliability.py``). It needs the same
+  jax/jaxlib version, XLA flags and device count (the gradient all-reduce sums in
+  device order). On GPU this does **not** hold by default: XLA:GPU reductions and
+  scatters may use atomics (the order of float additions varies run to run) and cuDNN /
+  cuBLAS autotuning may choose different algorithms, so runs differ by round-off that
+  training amplifies; ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` (with
+  ``--xla_gpu_autotune_level=0`` for fixed algorithm choice) makes them reproducible at
+  some speed cost. A resumed GPU run is still a valid continuation, just not a bitwise
+  copy.
 * **Run directory.** ``workdir/config.json`` holds the run's config. A restart compares
   it with the new config: every field must match (ODE knobs compared after resolving
   ``None`` to the method's default) except :data:`RESUMABLE_FIELDS` (``num_epochs``, to
@@ -83,12 +139,17 @@ Decisions (where the paper and DESIGN.md are silent):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import functools
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -107,6 +168,10 @@ from anodev2_jax import models as models_lib
 
 __all__ = [
     "ConfigError",
+    "NonFiniteError",
+    "Preempted",
+    "WriteError",
+    "NONFINITE_MODES",
     "TrainState",
     "RESUMABLE_FIELDS",
     "validate_config",
@@ -135,6 +200,7 @@ RESUMABLE_FIELDS = (
     "checkpoint_every_epochs",
     "keep_checkpoints",
     "distributed",
+    "nonfinite",
 )
 _KNOB_FIELDS = ("steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm")
 _DATA_AXIS = "data"
@@ -148,6 +214,79 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or gradient does
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun to resume.
+
+    Attributes:
+      signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+      step: the global step saved.
+      checkpoint: the checkpoint directory written (``workdir/checkpoints/<step>``).
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path, steps_per_epoch: int):
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        epoch, i = divmod(self.step, steps_per_epoch)
+        where = f"end of epoch {epoch}" if i == 0 else f"step {i}/{steps_per_epoch} of epoch {epoch + 1}"
+        super().__init__(
+            f"received {signal.Signals(self.signum).name} at step {self.step} ({where}): saved checkpoint "
+            f"{checkpoint}; rerun the same command to resume"
+        )
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN / Inf (``config.nonfinite="stop"``); nothing newer was saved.
+
+    Attributes:
+      step: the first global step whose loss, gradients or update was not finite.
+      seeds: the seeds of the replicas it happened in.
+      checkpoint: the last good checkpoint (left intact), or None if none was written yet.
+    """
+
+    def __init__(self, step: int, epoch: int, seeds: Sequence[int], checkpoint: Optional[Path]):
+        self.step, self.seeds, self.checkpoint = int(step), list(seeds), checkpoint
+        last = (
+            f"the last good checkpoint {checkpoint} is left intact"
+            if checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"non-finite loss or gradients at step {self.step} (epoch {epoch}, seed {', '.join(map(str, self.seeds))}); "
+            f"training stopped and wrote nothing newer: {last}; lower --config.learning_rate (in a new --workdir) "
+            "or check the data, or rerun with --config.nonfinite=skip to skip such steps"
+        )
+
+
+class WriteError(RuntimeError):
+    """Writing the run directory failed (disk full, quota, permissions); earlier checkpoints are intact."""
+
+    def __init__(self, what: str, cause: BaseException, last_checkpoint: Optional[Path]):
+        self.cause = cause
+        resume = (
+            f"it resumes from the last complete checkpoint {last_checkpoint}"
+            if last_checkpoint is not None
+            else "it starts over (no complete checkpoint yet)"
+        )
+        super().__init__(
+            f"writing {what} failed: {_os_error_text(cause)}; free disk space or fix the permissions there, then "
+            f"rerun the same command: {resume}"
+        )
+
+
+def _os_error_text(e: BaseException) -> str:
+    """``"No space left on device (ENOSPC)"`` for an OSError or an orbax / tensorstore write error."""
+    code = getattr(e, "errno", None)
+    if not isinstance(code, int):  # tensorstore: "... [os_error_code='28']"
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    if code:
+        return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -239,6 +378,7 @@ _FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "checkpoint_every_epochs": _int_at_least(1),
     "keep_checkpoints": _int_at_least(1),
     "distributed": _bool,
+    "nonfinite": _choice(NONFINITE_MODES),
 }
 
 
@@ -311,10 +451,11 @@ def _resolved_knobs(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: getattr(resolved, k) for k in _KNOB_FIELDS}
 
 
-def _check_workdir(workdir: Path, cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Checks that ``workdir`` is new or holds a run of a compatible config; writes nothing.
 
-    Returns the stored config (a dict) or None for a fresh workdir.
+    With ``steps_per_epoch``, also that no checkpoint (numbered by global step) lies beyond
+    ``cfg["num_epochs"]``. Returns the stored config (a dict) or None for a fresh workdir.
     """
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is a file; pass a directory to --workdir")
@@ -327,11 +468,12 @@ def _check_workdir(workdir: Path, cfg: dict[str, Any]) -> Optional[dict[str, Any
             )
         return None
     ckpt_dir = workdir / "checkpoints"
-    epochs_done = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
-    if epochs_done and max(epochs_done) > cfg["num_epochs"]:
+    steps_done = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    if steps_done and steps_per_epoch and max(steps_done) > cfg["num_epochs"] * steps_per_epoch:
+        epochs = -(-max(steps_done) // steps_per_epoch)
         raise ConfigError(
-            f"workdir {workdir} already holds a checkpoint of epoch {max(epochs_done)} > "
-            f"num_epochs={cfg['num_epochs']}; use --config.num_epochs={max(epochs_done)} or more, or a new --workdir"
+            f"workdir {workdir} already holds a checkpoint of step {max(steps_done)} (epoch {epochs}) > "
+            f"num_epochs={cfg['num_epochs']}; use --config.num_epochs={epochs} or more, or a new --workdir"
         )
     try:
         stored = json.loads(stored_path.read_text())
@@ -352,6 +494,29 @@ def _check_workdir(workdir: Path, cfg: dict[str, Any]) -> Optional[dict[str, Any
                 f"use a new --workdir, or --config.{name}={old!r} to resume that run"
             )
     return stored
+
+
+def _check_writable(workdir: Path) -> None:
+    """Raises :class:`ConfigError` unless ``workdir`` (or the folder it will be made in) and its files are writable.
+
+    ``os.access`` writes nothing; it answers for the process's real user and for read-only
+    file systems (root passes any permission check, but not a read-only mount).
+    """
+    existing = workdir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, so workdir {workdir} cannot be created in it; pass another --workdir")
+    paths = [existing]  # the workdir itself, or the folder it will be created in
+    if workdir.is_dir():
+        names = (_CONFIG_FILE, _METRICS_FILE, _SUMMARY_FILE, "checkpoints", "tensorboard")
+        paths += [workdir / n for n in names if (workdir / n).exists()]
+    for p in paths:
+        if not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+            raise ConfigError(
+                f"workdir {workdir} is not writable ({p} denies writing); fix the permissions "
+                f"(e.g. chmod -R u+w {workdir}) or pass another --workdir"
+            )
 
 
 def default_workdir(config, now: Optional[datetime.datetime] = None) -> str:
@@ -520,8 +685,19 @@ def _correct(logits, labels):
     return (jnp.argmax(logits, axis=-1).astype(labels.dtype) == labels).astype(jnp.float32)
 
 
+def _all_finite(tree) -> jax.Array:
+    """A bool scalar: every float leaf of ``tree`` is free of NaN and Inf."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
+
+
 def _train_step_one(model, tx, state: TrainState, images, labels, seed):
-    """One SGD step of one replica: augment (key from seed and step), forward, backward, update."""
+    """One SGD step of one replica: augment (key from seed and step), forward, backward, update.
+
+    A step whose loss, gradients or new params / BatchNorm statistics are not all finite
+    leaves every float leaf of the state as it was (counters advance) and reports
+    ``finite=False`` with loss and accuracy 0 (module docstring, "Non-finite values").
+    """
     aug_key = jax.random.fold_in(jax.random.fold_in(_root_key(seed), 1), state.step)
     x = data_lib.preprocess_train(aug_key, images)
 
@@ -539,17 +715,28 @@ def _train_step_one(model, tx, state: TrainState, images, labels, seed):
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
-    return new_state, {"loss": loss, "accuracy": jnp.mean(_correct(logits, labels))}
+    finite = _all_finite((loss, grads, new_state.params, new_state.batch_stats))
+
+    def unless_bad(new, old):
+        return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
+
+    new_state = jax.tree.map(unless_bad, new_state, state)
+    zero = jnp.zeros((), jnp.float32)
+    accuracy = jnp.mean(_correct(logits, labels))
+    metrics = {"loss": jnp.where(finite, loss, zero), "accuracy": jnp.where(finite, accuracy, zero), "finite": finite}
+    return new_state, metrics
 
 
 def make_train_step(model, tx, mesh: Mesh, num_seeds: int) -> Callable:
     """The jitted, data-parallel train step over all replicas; the state is donated.
 
     Returns:
-      ``step(state, images, labels, seeds) -> (state, {"loss", "accuracy"})`` with
-      ``images`` uint8 ``(num_seeds, batch, 32, 32, 3)`` and ``labels`` int32
+      ``step(state, images, labels, seeds) -> (state, {"loss", "accuracy", "finite"})``
+      with ``images`` uint8 ``(num_seeds, batch, 32, 32, 3)`` and ``labels`` int32
       ``(num_seeds, batch)`` sharded along the batch axis, ``seeds`` int32
-      ``(num_seeds,)``; metrics are float32 ``(num_seeds,)`` batch means.
+      ``(num_seeds,)``; ``loss`` and ``accuracy`` are float32 ``(num_seeds,)`` batch
+      means, ``finite`` bool ``(num_seeds,)``: False where the replica's step was not
+      finite and was not applied (its loss and accuracy then read 0).
     """
     step = _over_seeds(functools.partial(_train_step_one, model, tx), num_seeds, (0, 0, 0, 0))
     repl, batch = replicated(mesh), batch_sharding(mesh)
@@ -652,6 +839,11 @@ def _read_metrics(path: Path, max_step: int) -> list[str]:
     return keep
 
 
+def _json_number(x):
+    """``x``, or None (JSON null) for NaN: the mean of a window whose every step was skipped."""
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
 class _Logger:
     """metrics.jsonl and TensorBoard (one writer per seed); only process 0 writes."""
 
@@ -660,8 +852,9 @@ class _Logger:
         if not active:
             return
         path = workdir / _METRICS_FILE
+        self.path = path
         kept = _read_metrics(path, resume_step)
-        path.write_text("".join(line + "\n" for line in kept))
+        _write_text(path, "".join(line + "\n" for line in kept))  # atomic: a full disk loses no record
         self.file = path.open("a")
         from tensorboardX import SummaryWriter  # imported late: it is only needed once training starts
 
@@ -672,13 +865,21 @@ class _Logger:
             return
         for i, seed in enumerate(self.seeds):
             rec = {"kind": kind, "epoch": epoch, "step": step, "seed": seed}
-            rec.update({k: float(v[i]) for k, v in per_seed.items()})
+            rec.update({k: _json_number(np.asarray(v)[i].item()) for k, v in per_seed.items()})  # counts stay ints
             rec.update({k: float(v) for k, v in shared.items()})
-            self.file.write(json.dumps(rec) + "\n")
+            try:
+                self.file.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                e.filename = str(self.path)
+                raise
             for k, v in rec.items():
-                if k not in ("kind", "epoch", "step", "seed"):
+                if k not in ("kind", "epoch", "step", "seed") and v is not None:
                     self.writers[i].add_scalar(self._tag(kind, k), v, step)
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as e:
+            e.filename = str(self.path)
+            raise
 
     @staticmethod
     def _tag(kind: str, key: str) -> str:
@@ -694,13 +895,50 @@ class _Logger:
                 w.close()
 
 
+_ENV_NUM_PROCESSES, _ENV_PROCESS_ID = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
 def _maybe_initialize_distributed(config) -> None:
-    if config.get("distributed", False) is True:
+    """``jax.distributed.initialize`` when ``config.distributed`` is True (skipped if already done).
+
+    How the processes find each other is launch information, not run config (it differs
+    per process), so it comes from the environment: ``JAX_COORDINATOR_ADDRESS`` (``host:port``
+    of process 0; read by JAX itself), and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read
+    here; set both or neither). Whatever is unset JAX auto-detects on a cluster (Slurm, Open
+    MPI, Cloud TPU...). ``JAX_LOCAL_DEVICE_IDS`` restricts a process's devices. CPU
+    processes exchange collectives over gloo (TCP), JAX's default
+    ``jax_cpu_collectives_implementation``. Must run before any JAX computation.
+    """
+    if config.get("distributed", False) is not True or jax.distributed.is_initialized():
+        return
+    env = {k: os.environ.get(k) for k in (_ENV_NUM_PROCESSES, _ENV_PROCESS_ID)}
+    kwargs = {}
+    if any(v is not None for v in env.values()):
         try:
-            jax.distributed.initialize()
-        except RuntimeError as e:
-            if "already" not in str(e).lower():  # initialized by the caller: fine
-                raise
+            num, pid = int(env[_ENV_NUM_PROCESSES]), int(env[_ENV_PROCESS_ID])
+        except (TypeError, ValueError):
+            num = pid = -1
+        if not 0 <= pid < num:
+            raise ConfigError(
+                f"config.distributed=True with {_ENV_NUM_PROCESSES}={env[_ENV_NUM_PROCESSES]!r}, "
+                f"{_ENV_PROCESS_ID}={env[_ENV_PROCESS_ID]!r}: set both, as integers with 0 <= "
+                f"{_ENV_PROCESS_ID} < {_ENV_NUM_PROCESSES} (or neither, to auto-detect on a cluster)"
+            )
+        if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            raise ConfigError(
+                f"config.distributed=True with {_ENV_NUM_PROCESSES} and {_ENV_PROCESS_ID} set needs "
+                "JAX_COORDINATOR_ADDRESS=host:port of process 0 too"
+            )
+        kwargs = {"num_processes": num, "process_id": pid}
+    jax.distributed.initialize(**kwargs)
+
+
+def _sync_processes(name: str) -> None:
+    """A barrier over all processes (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _checkpoint_manager(workdir: Path, keep: int):
@@ -712,6 +950,172 @@ def _checkpoint_manager(workdir: Path, keep: int):
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+
+
+def _zero_loop(num_seeds: int) -> dict[str, np.ndarray]:
+    """The loop's per-seed accumulators at the start of an epoch, saved with every checkpoint as ``"loop"``.
+
+    ``epoch_*`` / ``window_*``: float32 sums of the step losses and accuracies since the
+    epoch / the last ``log_every_steps`` record; ``*_skipped``: int32 counts of skipped
+    (non-finite) steps in the epoch, the window and the whole run.
+    """
+    zeros, counts = np.zeros(num_seeds, np.float32), np.zeros(num_seeds, np.int32)
+    return {
+        "epoch_loss": zeros, "epoch_accuracy": zeros, "window_loss": zeros, "window_accuracy": zeros,
+        "epoch_skipped": counts, "window_skipped": counts, "skipped": counts,
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silences absl warnings (orbax's, while probing a checkpoint that may be bad: our error says it better)."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _restore_latest(ckpt_dir: Path, target: dict[str, Any]) -> Optional[tuple[int, dict[str, Any]]]:
+    """``(step, checkpoint)`` of the latest complete checkpoint in ``ckpt_dir``, or None; writes nothing.
+
+    Raises:
+      ConfigError: the checkpoint cannot be read or does not match ``target`` in tree
+        structure and shapes (orbax itself returns the stored shapes whatever the target
+        says; dtypes it casts to the target's).
+    """
+    if not ckpt_dir.is_dir():
+        return None
+    import orbax.checkpoint as ocp
+
+    with _quiet_absl(), ocp.CheckpointManager(
+        ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    ) as manager:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        path = ckpt_dir / str(step)
+        fix = (
+            f"it is corrupt or from another model, run or version: move {path} out of {ckpt_dir} to resume from "
+            "the checkpoint before it (if any), or pass a new --workdir"
+        )
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:  # orbax / tensorstore raise many types for unreadable data
+            raise ConfigError(f"checkpoint {path} cannot be restored ({_os_error_text(e)}); {fix}") from None
+    got, want = jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree_util.tree_flatten_with_path(target)[0]
+    if [p for p, _ in got] != [p for p, _ in want]:
+        raise ConfigError(f"checkpoint {path} holds another tree of arrays than this run's train state; {fix}")
+    for (key, a), (_, b) in zip(got, want):
+        if np.shape(a) != tuple(b.shape):
+            name = jax.tree_util.keystr(key)
+            raise ConfigError(f"checkpoint {path} has {name} of shape {np.shape(a)}, this run expects {tuple(b.shape)}; {fix}")
+    return step, restored
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Writes ``path`` atomically (a temporary file renamed over it): a failed write leaves the old file.
+
+    Its OSError names the file (a failing ``write()`` alone does not).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        e.filename = str(path)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _last_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint directory (orbax renames a checkpoint into place when complete)."""
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    return ckpt_dir / str(max(steps)) if steps else None
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT during the training loop: the first is recorded (the loop saves and stops), a second aborts.
+
+    Handlers are installed only in the main thread of a single-process run and the
+    previous ones are restored on exit. With several processes, ``requested`` asks JAX's
+    preemption sync point instead (all processes then agree on the step to stop at).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+        self._multiprocess = jax.process_count() > 1
+
+    def __enter__(self) -> "_StopSignals":
+        if not self._multiprocess and threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second signal: stop waiting for the save
+            self._restore()
+            raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name}): aborted without saving")
+        self.signum = signum
+
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (called by every process after every step)."""
+        if self.signum is None and self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signum = signal.SIGTERM
+            except RuntimeError:  # the preemption service is off (jax.distributed initialized without it)
+                self._multiprocess = False
+        return self.signum is not None
+
+
+class _FiniteFlags:
+    """The step's ``finite`` flags, kept on the device and read only at the loop's sync points."""
+
+    def __init__(self, mode: str, seeds: Sequence[int], steps_per_epoch: int):
+        self.mode, self.seeds, self.steps_per_epoch = mode, list(seeds), steps_per_epoch
+        self.pending: list[tuple[int, jax.Array]] = []  # (global step, flags (num_seeds,))
+
+    def add(self, step: int, flags: jax.Array) -> None:
+        self.pending.append((step, flags))
+
+    def check(self, last_checkpoint: Callable[[], Optional[Path]]) -> np.ndarray:
+        """Skipped steps per seed (int32) since the last check; raises :class:`NonFiniteError` in "stop" mode."""
+        if not self.pending:
+            return np.zeros(len(self.seeds), np.int32)
+        bad = ~np.asarray(jax.device_get([f for _, f in self.pending]), bool)  # (steps, seeds); one sync
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        if self.mode == "stop" and bad.any():
+            row = int(np.argmax(bad.any(axis=1)))
+            seeds = [self.seeds[j] for j in np.flatnonzero(bad[row])]
+            step = steps[row]
+            raise NonFiniteError(step, (step - 1) // self.steps_per_epoch + 1, seeds, last_checkpoint())
+        return bad.sum(axis=0).astype(np.int32)
+
+
+def _mean(total, count: np.ndarray) -> np.ndarray:
+    """float64 ``total / count`` per seed; NaN where every step was skipped."""
+    total = np.asarray(total, np.float64)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -731,7 +1135,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ``wall_time_s``, ``images_per_s``, ``model``, ``method``, ``seeds``, ``config``...
 
     Raises:
-      ConfigError, anodev2_jax.data.DataError: bad input, raised before anything is written.
+      ConfigError, anodev2_jax.data.DataError: bad input (config, data, a workdir holding
+        another config, an unreadable checkpoint, no write permission), raised before
+        anything is written.
+      Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved.
+      NonFiniteError: ``config.nonfinite="stop"`` and a step was NaN / Inf; nothing newer
+        than the last good checkpoint was written.
+      WriteError: writing the run directory failed (disk full...); the checkpoints
+        written before are intact.
     """
     t_start = time.perf_counter()
     _maybe_initialize_distributed(config)
@@ -761,42 +1172,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             "full batch; lower --config.batch_size or raise --config.num_train"
         )
     workdir = Path(workdir)
-    _check_workdir(workdir, cfg)
+    _check_workdir(workdir, cfg, steps_per_epoch)
+    _check_writable(workdir)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     tx, schedule, init, train_step, eval_step = _programs(
         model, _OptimizerSpec.from_config(config, steps_per_epoch), mesh, len(seeds)
     )
     abstract_one = jax.eval_shape(functools.partial(_init_one, model, tx), jnp.zeros((), jnp.int32))
     num_params = models_lib.count_params(abstract_one.params)
+    repl = replicated(mesh)
+    seeds_arr = put_global(np.asarray(seeds, np.int32), repl)
+    ckpt_dir = workdir / "checkpoints"
+    abstract = jax.eval_shape(init, seeds_arr)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), _as_dict(abstract))
+    restored = _restore_latest(ckpt_dir, {**target, "loop": _zero_loop(len(seeds))})  # read before any write
+    if restored is not None:
+        ckpt_step, checkpoint = restored
+        loop = {k: np.asarray(v) for k, v in checkpoint.pop("loop").items()}
+        state = TrainState(**checkpoint)
+        if int(np.asarray(state.step)[0]) != ckpt_step:
+            raise ConfigError(
+                f"checkpoint {ckpt_dir / str(ckpt_step)} holds global step {int(np.asarray(state.step)[0])}, not "
+                f"{ckpt_step}: it was written by another version; pass a new --workdir"
+            )
 
     # ---- the run directory
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / _CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-    repl = replicated(mesh)
-    seeds_arr = put_global(np.asarray(seeds, np.int32), repl)
-    start_epoch = manager.latest_step() or 0
-    if start_epoch:
-        import orbax.checkpoint as ocp
-
-        abstract = jax.eval_shape(init, seeds_arr)
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), _as_dict(abstract))
-        state = TrainState(**manager.restore(start_epoch, args=ocp.args.StandardRestore(target)))
-    else:
-        state = init(seeds_arr)
-    step = int(np.asarray(state.step)[0])
-    logger = _Logger(workdir, seeds, step, is_main)
+    _sync_processes("anodev2_jax:workdir_checked")  # no process still reads config.json as process 0 writes it
+    try:
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write_text(workdir / _CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    except OSError as e:
+        raise WriteError(e.filename or f"the run directory {workdir}", e, _last_checkpoint(ckpt_dir)) from e
+    if restored is None:
+        state, loop = init(seeds_arr), _zero_loop(len(seeds))
+    step = start_step = int(np.asarray(state.step)[0])
+    start_epoch, start_i = divmod(start_step, steps_per_epoch)  # resume at batch start_i + 1 of epoch start_epoch + 1
+    tally = loop  # the accumulators of _zero_loop: on the device while training, numpy in checkpoints
     progress = _Progress(is_main)
     progress_every = max(1, steps_per_epoch // 50)  # each update syncs with the device
-    if is_main:
-        print(
-            f"{config.model} {config.method} seeds {seeds}: {num_params:,} params, {num_devices} device(s), "
-            f"{steps_per_epoch} steps/epoch, epochs {start_epoch + 1}..{config.num_epochs}, workdir {workdir}"
-            + (f" (resumed from epoch {start_epoch})" if start_epoch else ""),
-            flush=True,
-        )
+    flags = _FiniteFlags(config.nonfinite, seeds, steps_per_epoch)
+    saved_step = start_step if restored is not None else None
+
+    import orbax.checkpoint as ocp
+
+    def count_skipped() -> None:
+        """Reads the pending finite flags (a sync); raises NonFiniteError in "stop" mode."""
+        bad = flags.check(last_good)
+        for k in ("epoch_skipped", "window_skipped", "skipped"):
+            tally[k] = tally[k] + bad
+
+    def last_good() -> Optional[Path]:
+        with contextlib.suppress(Exception):  # a save in flight is of a checked state: let it land
+            manager.wait_until_finished()
+        return _last_checkpoint(ckpt_dir)
+
+    def wait_for_saves() -> None:
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # orbax reports disk errors of a background write as ValueError & co.
+            raise WriteError(f"a checkpoint in {ckpt_dir}", e, _last_checkpoint(ckpt_dir)) from e
+
+    def save(state, loop_state: dict[str, Any]) -> Path:
+        """Checkpoint of the current step (asynchronous); any failure is a :class:`WriteError`."""
+        dtypes = {k: v.dtype for k, v in _zero_loop(1).items()}
+        loop_state = {k: np.asarray(jax.device_get(loop_state[k]), dtypes[k]) for k in dtypes}  # syncs
+        try:
+            manager.save(step, args=ocp.args.StandardSave({**_as_dict(state), "loop": loop_state}))
+        except Exception as e:  # includes the error of an earlier background write
+            raise WriteError(f"a checkpoint in {ckpt_dir}", e, _last_checkpoint(ckpt_dir)) from e
+        return ckpt_dir / str(step)
 
     train_sharding = batch_sharding(mesh)
     images_per_step = len(seeds) * batch_size
@@ -804,96 +1251,142 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     last_train = {"train_loss": None, "train_accuracy": None}
     test_loss = test_acc = None
 
+    logger = None
     try:
-        for epoch in range(start_epoch, config.num_epochs):
-            lr = float(schedule(step))
-            sums = {"loss": 0.0, "accuracy": 0.0}
-            window = {"loss": 0.0, "accuracy": 0.0}
-            t_epoch = t_window = time.perf_counter()
-            first_step_done = None
-            for i, idx in enumerate(_epoch_indices(num_train, batch_size, seeds, epoch), start=1):
-                images = put_global(ds.x_train[idx], train_sharding)
-                labels = put_global(ds.y_train[idx], train_sharding)
-                state, metrics = train_step(state, images, labels, seeds_arr)
-                step += 1
-                for k in sums:  # device-side sums: no host sync per step
-                    sums[k] = sums[k] + metrics[k]
-                    window[k] = window[k] + metrics[k]
-                if first_step_done is None and epoch == start_epoch:
-                    jax.block_until_ready(metrics)
-                    first_step_done = time.perf_counter()
-                if progress.tty and (i % progress_every == 0 or i == steps_per_epoch):
-                    loss, acc = (float(np.mean(sums[k])) / i for k in ("loss", "accuracy"))  # syncs
-                    seconds = time.perf_counter() - t_epoch
-                    progress.update(
-                        f"epoch {epoch + 1}/{config.num_epochs} step {i}/{steps_per_epoch} "
-                        f"loss {loss:.4f} acc {acc:.4f} {i * images_per_step / max(seconds, 1e-9):.0f} img/s"
-                    )
-                if config.log_every_steps and step % config.log_every_steps == 0:
-                    n_win = min(config.log_every_steps, i)
-                    w = {f"train_{k}": np.asarray(v, np.float64) / n_win for k, v in window.items()}
-                    now = time.perf_counter()
-                    ips = n_win * images_per_step / max(now - t_window, 1e-9)
-                    logger.write("step", epoch + 1, step, w, {"learning_rate": float(schedule(step - 1)), "images_per_s": ips})
-                    window, t_window = {"loss": 0.0, "accuracy": 0.0}, now
-            train = {f"train_{k}": np.asarray(v, np.float64) / steps_per_epoch for k, v in sums.items()}
-            t_end = time.perf_counter()
-            epoch_time = t_end - t_epoch
-            if first_step_done is not None:
-                train_time += t_end - first_step_done
-                train_images += (steps_per_epoch - 1) * images_per_step
-            else:
-                train_time += epoch_time
-                train_images += steps_per_epoch * images_per_step
-            last_train = {k: v.tolist() for k, v in train.items()}
-            per_seed = dict(train)
-            done = epoch + 1
-            if done % config.eval_every_epochs == 0 or done == config.num_epochs:
-                test_loss, test_acc = _evaluate(eval_step, state, ds, eval_batch_size, mesh)
-                per_seed.update(test_loss=test_loss, test_accuracy=test_acc)
-            ips = steps_per_epoch * images_per_step / max(epoch_time, 1e-9)
-            logger.write("epoch", done, step, per_seed, {"learning_rate": lr, "images_per_s": ips, "epoch_time_s": epoch_time})
-            text = (
-                f"epoch {done}/{config.num_epochs} loss {train['train_loss'].mean():.4f} "
-                f"acc {train['train_accuracy'].mean():.4f}"
-            )
-            if "test_accuracy" in per_seed:
-                text += f" test_loss {per_seed['test_loss'].mean():.4f} test_acc {per_seed['test_accuracy'].mean():.4f}"
-            progress.done(text + f" lr {lr:.4g} {ips:.0f} img/s {epoch_time:.1f}s")
-            if done % config.checkpoint_every_epochs == 0 or done == config.num_epochs:
-                import orbax.checkpoint as ocp
-
-                manager.save(done, args=ocp.args.StandardSave(_as_dict(state)))
+        logger = _Logger(workdir, seeds, step, is_main)
+        with _StopSignals() as stop:
+            if is_main:  # after the handlers are in place: a signal from here on saves a checkpoint
+                resumed = ""
+                if start_step:
+                    where = f", step {start_i}/{steps_per_epoch} of epoch {start_epoch + 1}" if start_i else ""
+                    resumed = f" (resumed from step {start_step}{where})"
+                print(
+                    f"{config.model} {config.method} seeds {seeds}: {num_params:,} params, {num_devices} device(s), "
+                    f"{steps_per_epoch} steps/epoch, epochs {start_epoch + 1}..{config.num_epochs}, workdir {workdir}"
+                    + resumed,
+                    flush=True,
+                )
+            for epoch in range(start_epoch, config.num_epochs):
+                lr = float(schedule(epoch * steps_per_epoch))
+                first = start_i if epoch == start_epoch else 0  # batches of this epoch done before the restart
+                if not first:
+                    tally = {**_zero_loop(len(seeds)), "skipped": tally["skipped"]}
+                t_epoch = t_window = time.perf_counter()
+                first_step_done = None
+                for i, idx in enumerate(_epoch_indices(num_train, batch_size, seeds, epoch), start=1):
+                    if i <= first:
+                        continue
+                    images = put_global(ds.x_train[idx], train_sharding)
+                    labels = put_global(ds.y_train[idx], train_sharding)
+                    state, metrics = train_step(state, images, labels, seeds_arr)
+                    step += 1
+                    flags.add(step, metrics["finite"])
+                    for k in ("loss", "accuracy"):  # device-side sums: no host sync per step
+                        tally[f"epoch_{k}"] = tally[f"epoch_{k}"] + metrics[k]
+                        tally[f"window_{k}"] = tally[f"window_{k}"] + metrics[k]
+                    if first_step_done is None and epoch == start_epoch:
+                        jax.block_until_ready(metrics)
+                        first_step_done = time.perf_counter()
+                    if progress.tty and (i % progress_every == 0 or i == steps_per_epoch):
+                        loss, accuracy = (float(np.mean(tally[f"epoch_{k}"])) / i for k in ("loss", "accuracy"))  # syncs
+                        speed = (i - first) * images_per_step / max(time.perf_counter() - t_epoch, 1e-9)
+                        progress.update(
+                            f"epoch {epoch + 1}/{config.num_epochs} step {i}/{steps_per_epoch} "
+                            f"loss {loss:.4f} acc {accuracy:.4f} {speed:.0f} img/s"
+                        )
+                    if config.log_every_steps and step % config.log_every_steps == 0:
+                        count_skipped()
+                        n_ok = min(config.log_every_steps, i) - tally["window_skipped"]
+                        w = {f"train_{k}": _mean(tally[f"window_{k}"], n_ok) for k in ("loss", "accuracy")}
+                        now = time.perf_counter()
+                        ips = min(config.log_every_steps, i) * images_per_step / max(now - t_window, 1e-9)
+                        shared = {"learning_rate": float(schedule(step - 1)), "images_per_s": ips}
+                        logger.write("step", epoch + 1, step, w, shared)
+                        zero, t_window = _zero_loop(len(seeds)), now
+                        tally.update({k: zero[k] for k in ("window_loss", "window_accuracy", "window_skipped")})
+                    # Asked every step (a collective sync point with several processes); acted on
+                    # here mid-epoch, and after the epoch's record and checkpoint at its end.
+                    if stop.requested(step) and i < steps_per_epoch:
+                        count_skipped()  # never save an unchecked state
+                        path = save(state, tally)
+                        wait_for_saves()
+                        raise Preempted(stop.signum, step, path, steps_per_epoch)
+                count_skipped()  # before anything of this epoch is logged or saved
+                n_ok = steps_per_epoch - tally["epoch_skipped"]
+                train = {f"train_{k}": _mean(tally[f"epoch_{k}"], n_ok) for k in ("loss", "accuracy")}
+                t_end = time.perf_counter()
+                epoch_time = t_end - t_epoch
+                steps_run = steps_per_epoch - first
+                if first_step_done is not None:
+                    train_time += t_end - first_step_done
+                    train_images += (steps_run - 1) * images_per_step
+                else:
+                    train_time += epoch_time
+                    train_images += steps_run * images_per_step
+                last_train = {k: v.tolist() for k, v in train.items()}
+                per_seed = dict(train)
+                done = epoch + 1
+                if done % config.eval_every_epochs == 0 or done == config.num_epochs:
+                    test_loss, test_acc = _evaluate(eval_step, state, ds, eval_batch_size, mesh)
+                    per_seed.update(test_loss=test_loss, test_accuracy=test_acc)
+                if config.nonfinite == "skip":
+                    per_seed["nonfinite_skipped"] = np.asarray(tally["skipped"])
+                ips = steps_run * images_per_step / max(epoch_time, 1e-9)
+                shared = {"learning_rate": lr, "images_per_s": ips, "epoch_time_s": epoch_time}
+                logger.write("epoch", done, step, per_seed, shared)
+                text = (
+                    f"epoch {done}/{config.num_epochs} loss {train['train_loss'].mean():.4f} "
+                    f"acc {train['train_accuracy'].mean():.4f}"
+                )
+                if "test_accuracy" in per_seed:
+                    text += f" test_loss {per_seed['test_loss'].mean():.4f} test_acc {per_seed['test_accuracy'].mean():.4f}"
+                progress.done(text + f" lr {lr:.4g} {ips:.0f} img/s {epoch_time:.1f}s")
+                boundary = {**_zero_loop(len(seeds)), "skipped": tally["skipped"]}  # the next epoch starts from zero
+                if done % config.checkpoint_every_epochs == 0 or done == config.num_epochs:
+                    save(state, boundary)
+                    saved_step = step
+                if stop.signum is not None and done < config.num_epochs:  # between epochs
+                    path = ckpt_dir / str(step) if saved_step == step else save(state, boundary)
+                    wait_for_saves()
+                    raise Preempted(stop.signum, step, path, steps_per_epoch)
         if test_acc is None:  # resumed a finished run: evaluate the restored state
             test_loss, test_acc = _evaluate(eval_step, state, ds, eval_batch_size, mesh)
-        manager.wait_until_finished()
-    finally:
-        logger.close()
-        manager.close()
+        wait_for_saves()
 
-    acc = np.asarray(test_acc, np.float64)
-    summary = {
-        "model": config.model,
-        "method": config.method,
-        "seeds": seeds,
-        "test_accuracy": acc.tolist(),
-        "test_loss": np.asarray(test_loss, np.float64).tolist(),
-        "test_accuracy_min": float(acc.min()),
-        "test_accuracy_max": float(acc.max()),
-        "test_accuracy_avg": float(acc.mean()),
-        **last_train,
-        "num_params": num_params,
-        "num_devices": num_devices,
-        "epochs": config.num_epochs,
-        "steps": step,
-        "resumed_from_epoch": start_epoch,
-        "wall_time_s": time.perf_counter() - t_start,
-        "images_per_s": train_images / train_time if train_time > 0 else None,
-        "ode": {k: getattr(ode_config, k) for k in _KNOB_FIELDS},
-        "config": cfg,
-    }
+        acc = np.asarray(test_acc, np.float64)
+        summary = {
+            "model": config.model,
+            "method": config.method,
+            "seeds": seeds,
+            "test_accuracy": acc.tolist(),
+            "test_loss": np.asarray(test_loss, np.float64).tolist(),
+            "test_accuracy_min": float(acc.min()),
+            "test_accuracy_max": float(acc.max()),
+            "test_accuracy_avg": float(acc.mean()),
+            **last_train,
+            "num_params": num_params,
+            "num_devices": num_devices,
+            "epochs": config.num_epochs,
+            "steps": step,
+            "resumed_from_epoch": start_epoch,
+            "resumed_from_step": start_step,
+            "nonfinite_skipped": np.asarray(tally["skipped"]).tolist(),
+            "wall_time_s": time.perf_counter() - t_start,
+            "images_per_s": train_images / train_time if train_time > 0 else None,
+            "ode": {k: getattr(ode_config, k) for k in _KNOB_FIELDS},
+            "config": cfg,
+        }
+        if is_main:
+            _write_text(workdir / _SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    except OSError as e:  # metrics, TensorBoard or summary.json: a full disk, a quota, permissions
+        raise WriteError(e.filename or f"the run directory {workdir}", e, _last_checkpoint(ckpt_dir)) from e
+    finally:
+        with contextlib.suppress(Exception):  # an error in flight says more than a failed close
+            if logger is not None:
+                logger.close()
+        with contextlib.suppress(Exception):
+            manager.close()
     if is_main:
-        (workdir / _SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         print(
             f"test accuracy over {len(seeds)} seed(s): min {100 * acc.min():.2f}% max {100 * acc.max():.2f}% "
             f"avg {100 * acc.mean():.2f}% ({config.model} {config.method}; summary in {workdir / _SUMMARY_FILE})",

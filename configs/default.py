@@ -69,6 +69,7 @@ def get_config(arg=None):
     config.log_every_steps = 100  # progress line and a metrics.jsonl record; 0: per epoch only
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
+    config.nonfinite = "stop"  # stop | skip: a NaN / Inf loss or gradient stops the run, or its step is skipped
 
     # --- multi-host: jax.distributed.initialize() before anything else
     config.distributed = False

@@ -1,17 +1,20 @@
 """``python train.py`` in subprocesses: true exit codes and stderr for bad input, and one smoke run.
 
-Every bad input must exit with status 2 and ONE line on stderr naming the field (or cause)
-and the fix, without a traceback, before anything in the workdir changes: each case runs
-against a workdir that already holds a run (config.json, a checkpoint, metrics), hashed
-before and after.
+Every bad input, tried as a new user would (a table of 21), must exit non-zero (2, or 4 for
+a failed write) with ONE line on stderr naming the field (or cause) and the fix, without a
+traceback, and leave the workdir as it was: each case runs against a workdir that already
+holds a run (config.json, a checkpoint, metrics), hashed before and after. Kill / resume,
+signals and non-finite values are in ``test_reliability.py``.
 """
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pytest
@@ -22,14 +25,29 @@ sys.path.insert(0, str(REPO))
 from configs import smoke  # noqa: E402
 
 
-def run_train(args, *, devices=None, timeout=300):
+# ``ulimit -f`` for train.py: a write past the limit fails in the kernel (EFBIG; CPython
+# ignores SIGXFSZ), for Python and tensorstore (orbax) alike, so it takes the path a full
+# disk's ENOSPC takes. A wrapper rather than preexec_fn: no fork of the threaded test process.
+FILE_SIZE_LIMITED = (
+    "import resource, runpy, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def train_command(args, max_file_bytes=None):
+    command = [sys.executable, str(REPO / "train.py"), *args]
+    return command if max_file_bytes is None else [sys.executable, "-c", FILE_SIZE_LIMITED, str(max_file_bytes), *command[1:]]
+
+
+def run_train(args, *, devices=None, timeout=300, max_file_bytes=None):
     # Optimization level 0: XLA:CPU compiles ~5x faster (threefry above all); only speed changes.
     flags = ["--xla_backend_optimization_level=0"]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        train_command(args, max_file_bytes), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -49,61 +67,118 @@ def existing_run(tmp_path):
     return workdir
 
 
-def _npz(tmp_path, *, image_shape=(32, 32, 3), label_max=9):
+def _npz(tmp_path, *, image_shape=(32, 32, 3), label_max=9, dtype=np.uint8):
     path = tmp_path / "data.npz"
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (16, *image_shape), dtype=np.uint8)
+    x = rng.integers(0, 256, (16, *image_shape)).astype(dtype)
     y = np.arange(16) % (label_max + 1)
     np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
     return str(path)
 
 
+def _corrupt_npz(tmp_path):
+    path = tmp_path / "data.npz"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(200))  # a zip header, then garbage
+    return str(path)
+
+
+def _foreign_checkpoint(tmp_path, run):
+    """Replaces the run's checkpoint by a real orbax checkpoint of another tree (another program's)."""
+    import orbax.checkpoint as ocp
+
+    shutil.rmtree(run / "checkpoints")
+    with ocp.CheckpointManager((run / "checkpoints").absolute()) as manager:
+        tree = {"step": np.zeros(1, np.int32), "params": {"w": np.ones((3, 3), np.float32)}}
+        manager.save(3, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
+    return SMOKE
+
+
+def _read_only_workdir(tmp_path, run):
+    """The run made read-only (chmod); root ignores permissions, so it gets a read-only file system instead."""
+    if os.geteuid() == 0:
+        return [*SMOKE, "--workdir=/proc/sys/anodev2-run"]  # /proc/sys is mounted read-only
+    for p in [run, *run.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    return SMOKE
+
+
+class Case(NamedTuple):
+    args: Any  # a list, or a function of (tmp_path, existing_run) making the input and giving the list
+    words: list  # what the one line must hold
+    devices: Optional[int] = None  # fake CPU devices
+    status: int = 2
+    max_file_bytes: Optional[int] = None  # `ulimit -f`
+
+
 SMOKE = ["--config", "configs/smoke.py"]
 CASES = {
-    # name: (args (or a function of tmp_path giving them), fake devices, words the one line must hold)
-    "unknown config file": (["--config", "configs/nope.py"], None, ["configs/nope.py", "existing config file"]),
-    "unknown field": ([*SMOKE, "--config.bogus_field=1"], None, ["bogus_field", "configs/default.py"]),
-    "wrong type": ([*SMOKE, "--config.batch_size=abc"], None, ["--config.batch_size", "abc"]),
-    "unknown model": ([*SMOKE, "--config.model=vgg"], None, ["config.model='vgg'", "resnet4", "--config.model"]),
-    "unknown method": (["--config", "configs/smoke.py:ode"], None, ["config.method='ode'", "anodev2_conf1"]),
-    "steps_z 0": ([*SMOKE, "--config.steps_z=0"], None, ["config.steps_z=0", "--config.steps_z"]),
-    "aligned with bad steps_w": (
-        [*SMOKE, "--config.method=anodev2_conf1", "--config.steps_w=7"], None,
-        ["steps_w=7", "multiple of steps_z=5", "endpoints"],
+    "unknown config file": Case(["--config", "configs/nope.py"], ["configs/nope.py", "existing config file"]),
+    "unknown field": Case([*SMOKE, "--config.bogus_field=1"], ["bogus_field", "configs/default.py"]),
+    "wrong type": Case([*SMOKE, "--config.batch_size=abc"], ["--config.batch_size", "abc"]),
+    "unknown model": Case([*SMOKE, "--config.model=vgg"], ["config.model='vgg'", "resnet4", "--config.model"]),
+    "unknown method": Case(["--config", "configs/smoke.py:ode"], ["config.method='ode'", "anodev2_conf1"]),
+    "unknown nonfinite mode": Case([*SMOKE, "--config.nonfinite=ignore"], ["config.nonfinite='ignore'", "stop, skip"]),
+    "steps_z 0": Case([*SMOKE, "--config.steps_z=0"], ["config.steps_z=0", "--config.steps_z"]),
+    "negative num_epochs": Case([*SMOKE, "--config.num_epochs=-3"], ["config.num_epochs=-3", "--config.num_epochs"]),
+    "aligned with bad steps_w": Case(
+        [*SMOKE, "--config.method=anodev2_conf1", "--config.steps_w=7"], ["steps_w=7", "multiple of steps_z=5", "endpoints"]
     ),
-    "batch size 0": ([*SMOKE, "--config.batch_size=0"], None, ["config.batch_size=0", "--config.batch_size"]),
-    "batch not divisible by devices": (
-        [*SMOKE, "--config.batch_size=66"], 4, ["batch_size=66", "4 devices", "multiple of 4"],
+    "batch size 0": Case([*SMOKE, "--config.batch_size=0"], ["config.batch_size=0", "--config.batch_size"]),
+    "batch not divisible by devices": Case(
+        [*SMOKE, "--config.batch_size=66"], ["batch_size=66", "4 devices", "multiple of 4"], devices=4
     ),
-    "missing data path": (
-        [*SMOKE, "--config.dataset=npz", "--config.data_dir=/does/not/exist.npz"], None,
+    "missing data path": Case(
+        [*SMOKE, "--config.dataset=npz", "--config.data_dir=/does/not/exist.npz"],
         ["/does/not/exist.npz", "does not exist", "np.savez"],
     ),
-    "npz with NCHW images": (
-        lambda tmp: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, image_shape=(3, 32, 32))}"],
-        None, ["x_train", "(N, 32, 32, 3)", "transpose"],
+    "corrupt data file": Case(
+        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_corrupt_npz(tmp)}"],
+        ["data.npz", "not a readable .npz", "np.savez"],
     ),
-    "labels out of range": (
-        lambda tmp: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, label_max=12)}"],
-        None, ["y_train", "outside [0, 10)", "remap"],
+    "npz with NCHW images": Case(
+        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, image_shape=(3, 32, 32))}"],
+        ["x_train", "(N, 32, 32, 3)", "transpose"],
     ),
-    "workdir of another config": (
-        [*SMOKE, "--config.method=anode"], None, ["method='anodev2_conf2'", "--config.method='anodev2_conf2'", "new --workdir"],
+    "npz with float images": Case(
+        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, dtype=np.float32)}"],
+        ["x_train", "dtype float32", "astype(np.uint8)"],
+    ),
+    "labels out of range": Case(
+        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, label_max=12)}"],
+        ["y_train", "outside [0, 10)", "remap"],
+    ),
+    "workdir of another config": Case(
+        [*SMOKE, "--config.method=anode"], ["method='anodev2_conf2'", "--config.method='anodev2_conf2'", "new --workdir"]
+    ),
+    "corrupt checkpoint": Case(SMOKE, ["checkpoints/3 cannot be restored", "corrupt", "new --workdir"]),
+    "foreign checkpoint": Case(_foreign_checkpoint, ["checkpoints/3", "another model", "new --workdir"]),
+    "workdir not writable": Case(_read_only_workdir, ["is not writable", "permissions", "another --workdir"]),
+    "disk full": Case(  # config.json (~700 bytes) is the first write
+        lambda tmp, run: [*SMOKE, f"--workdir={tmp / 'new'}"],
+        ["config.json failed: File too large", "free disk space", "rerun the same command"],
+        status=4, max_file_bytes=256,
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line(tmp_path, existing_run, case):
-    args, devices, words = CASES[case]
-    args = args(tmp_path) if callable(args) else args
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, existing_run, case):
+    c = CASES[case]
+    args = c.args(tmp_path, existing_run) if callable(c.args) else c.args
+    if not any(a.startswith("--workdir") for a in args):
+        args = [*args, f"--workdir={existing_run}"]
     before = tree_hash(existing_run)
-    proc = run_train([*args, f"--workdir={existing_run}"], devices=devices)
+    try:
+        proc = run_train(args, devices=c.devices, max_file_bytes=c.max_file_bytes)
+    finally:
+        for p in [existing_run, *existing_run.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == c.status, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
-    for word in words:
+    for word in c.words:
         assert word in lines[0], (word, lines[0])
     assert tree_hash(existing_run) == before
 
@@ -123,4 +198,4 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "test accuracy over 1 seed(s)" in proc.stdout
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [24, 32]  # global steps

@@ -53,12 +53,12 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def restore_state(workdir, epoch):
-    """The raw checkpoint of ``epoch`` (nested dicts of arrays, no target needed)."""
+def restore_state(workdir, step):
+    """The raw checkpoint of global step ``step`` (nested dicts of arrays, no target needed)."""
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(Path(workdir, "checkpoints").absolute()) as manager:
-        return manager.restore(epoch, args=ocp.args.StandardRestore())
+        return manager.restore(step, args=ocp.args.StandardRestore())
 
 
 def without_timing(records):
@@ -96,10 +96,10 @@ def test_two_steps_every_model_and_method(tmp_path, name, method):
         assert math.isfinite(record[key]), key
     assert record["learning_rate"] == pytest.approx(0.01)
     assert json.loads((tmp_path / "config.json").read_text())["method"] == method
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]  # by global step
     assert list((tmp_path / "tensorboard" / "seed0").glob("events.out.tfevents.*"))
 
-    state = restore_state(tmp_path, 1)
+    state = restore_state(tmp_path, 2)
     for leaf in jax.tree_util.tree_leaves(state["params"]):
         assert leaf.dtype == np.float32 and leaf.shape[0] == 1  # float32, leading seed axis
 
@@ -122,10 +122,10 @@ def test_vmapped_seeds_equal_single_runs(tmp_path):
     """Replica i of ``num_seeds=2`` (one vmapped program) is the single run with seed ``seed + i``."""
     both = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf2", num_seeds=2, seed=3), tmp_path / "both")
     assert both["seeds"] == [3, 4]
-    vmapped = restore_state(tmp_path / "both", 1)
+    vmapped = restore_state(tmp_path / "both", 2)
     for i, seed in enumerate((3, 4)):
         single = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf2", seed=seed), tmp_path / f"seed{seed}")
-        alone = restore_state(tmp_path / f"seed{seed}", 1)
+        alone = restore_state(tmp_path / f"seed{seed}", 2)
         replica = jax.tree.map(lambda a: a[i : i + 1], vmapped)
         # float32: the vmapped convs sum in another order. Scalar RDA coefficients hold
         # ~1e-4 after two steps, their gradients sums that cancel: hence the atol.
@@ -154,14 +154,14 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # mid-write (orbax's temporary directory, renamed into place only when complete).
     with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "step", "step": 3, "epoch": 2}) + "\n")
-    partial = tmp_path / "cut" / "checkpoints" / "2.orbax-checkpoint-tmp-1234567"
+    partial = tmp_path / "cut" / "checkpoints" / "4.orbax-checkpoint-tmp-1234567"
     partial.mkdir()
     (partial / "garbage").write_bytes(b"\0" * 10)
     resumed = training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf1", num_epochs=2, **kw), tmp_path / "cut")
-    assert resumed["resumed_from_epoch"] == 1 and resumed["steps"] == 4
+    assert (resumed["resumed_from_epoch"], resumed["resumed_from_step"], resumed["steps"]) == (1, 2, 4)
     assert not partial.exists()  # cleaned up, never loaded
 
-    full, cut = restore_state(tmp_path / "full", 2), restore_state(tmp_path / "cut", 2)
+    full, cut = restore_state(tmp_path / "full", 4), restore_state(tmp_path / "cut", 4)
     assert tree_allclose(cut, full, rtol=0, atol=0)  # same programs, same inputs: bitwise equal
     assert int(np.asarray(cut["step"])[0]) == 4
     # The stray record after the checkpoint (a crashed run's tail) is dropped on resume.

@@ -499,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input; 3, 4, 130, 143 as train.py)."""
     args = build_parser().parse_args(argv)
     try:
         tables = _parse_tables(args.table)
@@ -553,6 +553,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (training.ConfigError, data_lib.DataError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except training.Preempted as e:  # checkpoint saved: rerunning the sweep resumes this run, skips finished ones
+        print(f"{e} (rerun the same reproduce command to continue the sweep)", file=sys.stderr)
+        return 128 + e.signum
+    except (training.NonFiniteError, training.WriteError) as e:  # train.py's exit codes
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 3 if isinstance(e, training.NonFiniteError) else 4
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n" + text + f"\n(written to {out})", flush=True)

@@ -131,14 +131,14 @@ def weights_at_step(flat_theta, trajs, treedef, spec: BlockSpec, n: int) -> PyTr
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _forward(f, spec: BlockSpec, z0, theta0, coeffs, step_args, checkpoint_steps: bool):
+def _forward(f, spec: BlockSpec, z0, theta0, coeffs, step_args, remat: str):
     flat_theta, flat_coeffs, treedef = split_tree(theta0, coeffs)
     trajs = weight_trajectories(flat_theta, flat_coeffs, spec)
     thetas = [weights_at_step(flat_theta, trajs, treedef, spec, n) for n in range(spec.steps_z)]
     args = None if step_args is None else [ode._slice(step_args, n) for n in range(spec.steps_z)]
-    z1, auxs = ode.solve_steps(
-        f, z0, thetas, args, solver=spec.solver, checkpoint_steps=checkpoint_steps, has_aux=spec.has_aux
-    )
+    # the nested checkpoints of "step"/"binomial" take their steps' weights as inputs: the
+    # trajectory (kernel-sized) is computed once per block (re)computation, not per segment
+    z1, auxs = ode.solve_steps(f, z0, thetas, args, solver=spec.solver, remat=remat, has_aux=spec.has_aux)
     return (z1, ode.stack_aux(auxs)) if spec.has_aux else z1
 
 
@@ -187,11 +187,15 @@ def coupled_block(
       schedule: ``"aligned"`` (configuration 1) or ``"endpoints"`` (configuration 2).
       nonlinearity: ``sigma`` of Eq. 2.6 (default tanh) or None for the linear PDE.
       remat: ``"none"``, ``"block"`` (ANODE: keep only the input, recompute the block,
-        weight evolution included, in the backward pass) or ``"step"`` (also checkpoint
-        each activation step). See :mod:`anodev2_jax.ode`.
+        weight evolution included, in the backward pass), ``"step"`` (also checkpoint
+        each activation step) or ``"binomial"`` (block checkpoint plus nested checkpoints
+        over segments of steps: a few activations per block, each step recomputed at most
+        ``ceil(log2 steps_z)`` times). See :mod:`anodev2_jax.ode`.
       adjoint: ``"autodiff"`` (``jax.grad`` through the unrolled solve) or ``"discrete"``
         (the hand-written Eq. 2.5 adjoint, Euler only; it keeps one activation per step,
-        and with ``remat="block"``/``"step"`` it keeps only the block input).
+        and with any ``remat`` but ``"none"`` it keeps only the block input: ``"step"`` and
+        ``"binomial"`` then act as ``"block"``, since the adjoint's backward pass stores
+        its own per-step checkpoints).
       solver: ``"euler"`` (the paper), ``"rk2"`` or ``"rk4"``; all stages of step ``n`` use
         ``theta(tau_n)``.
       step_args: optional pytree, leaves with leading axis ``steps_z`` (e.g. per-step
@@ -219,8 +223,7 @@ def coupled_block(
             )
         block = lambda z0, theta0, coeffs, step_args: coupled_block_discrete(f, spec, z0, theta0, coeffs, step_args)
     else:
-        checkpoint_steps = remat == "step"
-        block = lambda z0, theta0, coeffs, step_args: _forward(f, spec, z0, theta0, coeffs, step_args, checkpoint_steps)
-    if remat in ("block", "step"):
+        block = lambda z0, theta0, coeffs, step_args: _forward(f, spec, z0, theta0, coeffs, step_args, remat)
+    if remat != "none":
         block = ode.checkpoint(block)
     return block(z0, theta0, coeffs, step_args)

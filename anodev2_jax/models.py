@@ -40,9 +40,10 @@ Methods (``method_defaults``; every knob may be overridden):
 
 Knobs (module attributes; ``None`` means "the method's default"): ``steps_z``,
 ``steps_w``, ``schedule``, ``solver`` (``"euler"``, ``"rk2"``, ``"rk4"``), ``remat``
-(``"none"``, ``"block"``, ``"step"``), ``adjoint`` (``"autodiff"``, ``"discrete"`` = the
-hand-written Eq. 2.5 adjoint, Euler only, or ``"backsolve"`` = diffrax continuous adjoint,
-static weights only), ``coeff_granularity`` (``"kernel"``: one ``(d, v, rho)`` per kernel;
+(``"none"``, ``"block"``, ``"step"``, ``"binomial"``; see :mod:`anodev2_jax.ode`),
+``adjoint`` (``"autodiff"``, ``"discrete"`` = the hand-written Eq. 2.5 adjoint, Euler
+only, or ``"backsolve"`` = diffrax continuous adjoint, static weights only),
+``coeff_granularity`` (``"kernel"``: one ``(d, v, rho)`` per kernel;
 ``"filter"``: one per output filter, shape ``(cout,)``), ``nonlinearity`` (``sigma`` of
 Eq. 2.6: ``"tanh"``, ``"sigmoid"``, ``"none"``), ``norm`` (``"per_step"``, ``"shared"``),
 ``bn_momentum`` (0.9) and ``dtype`` (``"float32"``; ``"float64"`` for gradient tests).

@@ -4,17 +4,39 @@ Two families behind one call shape:
 
 * :func:`odeint_fixed`: discretize-then-optimize (DTO). The solve is an unrolled Python
   loop of ``num_steps`` explicit steps, so ``jax.grad`` gives the *exact* gradient of the
-  discrete forward pass (ANODE [9]). Memory is controlled by ``remat``:
+  discrete forward pass (ANODE [9]). Memory is controlled by ``remat`` (all modes give the
+  same values and gradients; ``N`` = number of steps, ``|z|`` = one activation):
 
-  - ``"none"``: autodiff stores every intermediate of every step.
+  - ``"none"``: autodiff stores every intermediate of every step: ``O(N * |internals of f|)``.
   - ``"block"``: ANODE's checkpointing: only the block input is kept; the whole block is
-    recomputed in the backward pass (which then holds the block's full step graph).
-  - ``"step"``: ``"block"`` plus a checkpoint around each step, so the backward pass keeps
-    one activation per step and recomputes one step's internals at a time: memory
-    ``O(num_steps * |z|)`` instead of ``O(num_steps * |internals of f|)``.
+    recomputed (once) in the backward pass, which then holds the block's full step graph,
+    so the peak is as for ``"none"`` but only for one block at a time.
+  - ``"step"``: ``"block"`` plus a checkpoint around each step: the backward pass keeps one
+    activation per step and recomputes one step's internals at a time: ``N * |z|`` plus one
+    step's internals.
+  - ``"binomial"``: ``"block"`` plus nested checkpoints over segments of steps (revolve's
+    binomial checkpointing, Griewank & Walther 2000, in recursive form) chosen by
+    :func:`binomial_schedule`: the backward pass holds ``s`` activations (``s`` = 1, 2, 3,
+    4 for ``N`` = 1, 2-4, 5-21, 22-120: ``O(log N)``) plus one step's internals, and each
+    step is recomputed at most ``floor(log2 N) + 1`` times.
 
-  Both are built by :func:`checkpoint`, a ``jax.custom_vjp`` that recomputes in order,
-  because ``jax.checkpoint`` inside an unrolled loop saved no memory on XLA:CPU (see there).
+  Cost, in forward step evaluations per training step (each mode adds one backward
+  evaluation per step): ``"none"`` ``N``; ``"block"`` ``2N``; ``"step"`` ``3N - 1``;
+  ``"binomial"`` ``2N + T`` with ``T`` = 1, 6, 20, 65 at ``N`` = 2, 5, 10, 20 (so 5, 16, 40,
+  105, against ``"step"``'s 5, 14, 29, 59). Memory measured on the test problem
+  (``tests/test_ode.py``, in activations): 1 step 6.0; 20 steps ``"binomial"`` 9.2,
+  ``"step"`` 24.1, ``"none"``/``"block"`` 82. ResNet-10's whole training step
+  (``benchmarks/memory.py``: compiled temporary memory, batch 256, configuration 1 with
+  ``steps_w = steps_z``, XLA:CPU) at ``steps_z`` = 1 / 5 / 20: ``"none"`` 332 / 1133 / 4140
+  MiB, ``"block"`` 188 / 470 / 1704, ``"step"`` 188 / 222 / 481, ``"binomial"`` 188 / 221 /
+  246 (1.31x its 1-step memory at 20 steps; ``"step"`` 2.56x). At the paper's ``steps_z``
+  (2, 5) ``"binomial"`` holds what ``"step"`` holds, and a ResNet-4 ANODE step at
+  ``steps_z = 5`` (batch 256, 2-core CPU) took about 10-15% longer than with ``"block"``,
+  so the models keep ``"block"``; use ``"binomial"`` for long solves.
+
+  All but ``"none"`` are built by :func:`checkpoint`, a ``jax.custom_vjp`` that recomputes in
+  order, because ``jax.checkpoint`` inside an unrolled loop saved no memory on XLA:CPU (see
+  there).
 
   Loops are unrolled rather than ``lax.scan``-ned because the step counts are small and
   static and, on XLA:CPU, convolutions inside ``scan`` train about 19x slower than unrolled
@@ -37,6 +59,7 @@ axis (aux is not differentiated: use it for statistics such as BatchNorm's batch
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import equinox as eqx
@@ -44,10 +67,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SOLVERS", "REMAT_MODES", "checkpoint", "odeint_fixed", "odeint_diffrax", "solve_steps"]
+__all__ = [
+    "SOLVERS", "REMAT_MODES", "binomial_schedule", "checkpoint", "odeint_fixed", "odeint_diffrax", "solve_steps",
+]
 
 SOLVERS = ("euler", "rk2", "rk4")
-REMAT_MODES = ("none", "block", "step")
+REMAT_MODES = ("none", "block", "step", "binomial")
 
 PyTree = Any
 
@@ -85,6 +110,37 @@ def _axpy(h, k, z):
     return z + (h * k).astype(z.dtype)
 
 
+def _zero_from(tree: PyTree):
+    """A scalar ``0`` that XLA can only compute after every inexact leaf of ``tree`` (None if none).
+
+    ``0 * s`` is not folded away (IEEE: ``0 * inf`` is NaN), so the zero depends on the
+    data. ``s`` sums the first two elements of each leaf: a reduction, which XLA never fuses
+    into its consumers, so the zero is one materialized scalar. With a plain element read
+    ``x[0]`` instead, XLA fused the read into every consumer of the tied values, keeping
+    the whole cotangent ``x`` alive as long as they were (measured: the nested checkpoints
+    of ``remat="binomial"`` then held 13.2 activations at 20 steps instead of 9.2).
+    """
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return None
+    dtype = jnp.result_type(leaves[0])
+    s = sum(jnp.sum(jnp.ravel(x)[:2]).astype(dtype) for x in leaves)
+    return s * jnp.zeros((), dtype)
+
+
+def _tie(tree: PyTree, zero) -> PyTree:
+    """``tree`` with ``zero`` added to every floating leaf: the same values, computed after ``zero``."""
+    if zero is None:
+        return tree
+
+    def tie(x):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x + jnp.real(zero).astype(jnp.result_type(x))
+
+    return jax.tree_util.tree_map(tie, tree)
+
+
 def checkpoint(fn: Callable) -> Callable:
     """Rematerialize ``fn`` in the backward pass, in order: ANODE [9] checkpointing that works unrolled.
 
@@ -96,11 +152,14 @@ def checkpoint(fn: Callable) -> Callable:
     ``jax.checkpoint`` around each step of an *unrolled* loop saved nothing (4 activation
     buffers per step with and without it) because XLA is free to merge the recomputation
     with the original forward computation (common-subexpression elimination) or schedule
-    it early. Here the recomputation's inputs are made to depend on the incoming cotangent
-    (``x + 0 * g[0]``; IEEE arithmetic forbids folding ``0 * g`` away), which both forbids
-    the merge and forces the recompute to run only once its cotangent exists. Result on the
-    test problem: about 1 activation buffer per step, and still unrolled, so convolutions
-    keep XLA:CPU's fast path (``lax.scan`` + ``jax.checkpoint`` was 23x slower).
+    it early (``jax.lax.optimization_barrier`` between the cotangent and the recomputation's
+    inputs did not stop it either: memory stayed that of ``remat="none"``). Here the
+    recomputation's inputs are made to depend on the incoming cotangent
+    (``x + 0 * (g[0] + g[1])``, see :func:`_zero_from`), which both forbids the merge and
+    forces the recompute to run only once its cotangent exists. Result on the test
+    problem: about 1 activation buffer per step, and still unrolled, so convolutions keep
+    XLA:CPU's fast path (``lax.scan`` + ``jax.checkpoint`` was 23x slower). Nested
+    checkpoints (``remat="binomial"``) work the same way, level by level.
 
     Caveat: like any ``jax.custom_vjp``, the result supports reverse mode only (no
     ``jax.jvp``); use ``remat="none"`` for forward-mode differentiation.
@@ -114,15 +173,7 @@ def checkpoint(fn: Callable) -> Callable:
         return fn(*args), args  # saved: the inputs only
 
     def bwd(args, out_bar):
-        g = [x for x in jax.tree_util.tree_leaves(out_bar) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-        dep = sum(jnp.ravel(x)[0] for x in g) * jnp.zeros((), jnp.result_type(g[0])) if g else None
-
-        def tie(x):
-            if dep is None or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-                return x
-            return x + dep.astype(jnp.result_type(x))
-
-        _, vjp = jax.vjp(fn, *jax.tree_util.tree_map(tie, args))  # recomputed here, after out_bar
+        _, vjp = jax.vjp(fn, *_tie(args, _zero_from(out_bar)))  # recomputed here, after out_bar
         return vjp(out_bar)
 
     wrapped.defvjp(fwd, bwd)
@@ -151,6 +202,90 @@ def _make_step(f, solver: str, h: float, has_aux: bool):
     return {"euler": euler, "rk2": rk2, "rk4": rk4}[solver]
 
 
+@functools.lru_cache(maxsize=None)
+def binomial_schedule(num_steps: int) -> tuple[int, int, Any]:
+    """The nested checkpoint schedule of ``remat="binomial"``: ``(snapshots, recomputed, tree)``.
+
+    A schedule is a binary tree over the ``num_steps`` steps: a leaf (``1``) is one step
+    under its own :func:`checkpoint`; a node ``(left, right)`` runs its two subtrees in
+    order, each under its own :func:`checkpoint`. In the backward pass of a node the
+    left subtree's forward is recomputed once (from the node's input, to get the right
+    subtree's input), the right subtree's backward runs while the left's input is held,
+    then the left's. So with ``M`` the activations a subtree holds (its input included)
+    and ``T`` the step evaluations its recomputations cost,
+
+        M(leaf) = 1,  M(node) = max(1 + M(right), M(left)),
+        T(leaf) = 0,  T(node) = size(left) + T(left) + T(right).
+
+    With at most ``s`` held activations and each step recomputed at most ``r`` times, such
+    trees reach ``C(s - 1 + r, r)`` steps (revolve's binomial bound, Griewank & Walther
+    2000, for this nested form). ``snapshots`` is the fewest ``s`` that reaches
+    ``num_steps`` with ``r = floor(log2 num_steps) + 1`` (about plain bisection's recompute
+    count, with fewer activations: 3 instead of 6 at ``num_steps = 20``), made
+    non-decreasing in ``num_steps``: 1 for 1 step, 2 for 2-4, 3 for 5-21, 4 for 22-120.
+    ``tree`` is the schedule with the fewest recomputed step evaluations ``T``
+    (``recomputed``) among those holding at most ``snapshots`` activations (dynamic
+    programming, ``O(N^2 s)``): ``T`` = 1, 6, 20, 65 at 2, 5, 10, 20 steps.
+
+    Not counted in ``T``: the forward pass itself and the one recompute of each step
+    inside its own checkpoint, ``N`` evaluations each (as in ``remat="step"``, whose
+    ``T`` is ``N - 1``; ``"block"`` recomputes ``N``, all inside the block's checkpoint).
+    """
+    check_num_steps("num_steps", num_steps)
+    n = int(num_steps)
+    s = 1
+    for k in range(2, n + 1):  # fewest snapshots for k steps, kept non-decreasing in k
+        r = k.bit_length()
+        while math.comb(s - 1 + r, r) < k:
+            s += 1
+    inf = float("inf")
+    cost = {(1, j): 0 for j in range(1, s + 1)}
+    split = {}
+    for j in range(1, s + 1):
+        for k in range(2, n + 1):
+            best, arg = inf, None
+            if j > 1:
+                for m in range(1, k):  # left subtree of m steps
+                    c = m + cost[m, j] + cost[k - m, j - 1]
+                    if c < best:
+                        best, arg = c, m
+            cost[k, j], split[k, j] = best, arg
+
+    def tree(k, j):
+        if k == 1:
+            return 1
+        m = split[k, j]
+        return (tree(m, j), tree(k - m, j - 1))
+
+    return s, int(cost[n, s]), tree(n, s)
+
+
+def _tree_size(tree) -> int:
+    return 1 if tree == 1 else _tree_size(tree[0]) + _tree_size(tree[1])
+
+
+def _tree_solve(step, tree):
+    """``fn(z, thetas, args) -> (z, auxs)`` over the steps of ``tree``; each subtree of a node is
+    wrapped in :func:`checkpoint` (the caller checkpoints the root: the block checkpoint)."""
+    if tree == 1:
+
+        def leaf(z, thetas, args):
+            z, aux = step(z, thetas[0], args[0])
+            return z, [aux]
+
+        return leaf
+    m = _tree_size(tree[0])
+    left, right = checkpoint(_tree_solve(step, tree[0])), checkpoint(_tree_solve(step, tree[1]))
+
+    def node(z, thetas, args):
+        # saved by the checkpoints: this node's input z (left's) and left's output (right's input)
+        z, aux_left = left(z, thetas[:m], args[:m])
+        z, aux_right = right(z, thetas[m:], args[m:])
+        return z, aux_left + aux_right
+
+    return node
+
+
 def solve_steps(
     f: Callable,
     z0,
@@ -158,24 +293,33 @@ def solve_steps(
     step_args: Optional[Sequence[PyTree]],
     *,
     solver: str = "euler",
-    checkpoint_steps: bool = False,
+    remat: str = "none",
     has_aux: bool = False,
 ):
     """Unrolled fixed-step solve of Eq. 1.1b / 2.3b with an explicit weight pytree per step (the shared core).
 
-    ``len(thetas)`` is the number of steps ``N`` and ``h = 1/N``. ``checkpoint_steps`` wraps
-    each step in ``jax.checkpoint`` (the inner part of ``remat="step"``).
+    ``len(thetas)`` is the number of steps ``N`` and ``h = 1/N``. ``remat`` applies the
+    part of a remat mode *inside* the block: ``"step"`` wraps each step in
+    :func:`checkpoint`, ``"binomial"`` nests checkpoints by :func:`binomial_schedule`;
+    ``"none"`` and ``"block"`` add nothing. The caller adds the block checkpoint (every
+    mode but ``"none"``), without which ``"binomial"`` would keep its root's activations.
 
     Returns ``(z1, auxs)`` where ``auxs`` is the list of per-step aux values (Nones when
     ``has_aux`` is False).
     """
+    check_choice("remat", remat, REMAT_MODES)
     num_steps = len(thetas)
     step = _make_step(f, solver, 1.0 / num_steps, has_aux)
-    if checkpoint_steps:
+    if step_args is None:
+        step_args = [None] * num_steps
+    if remat == "binomial":
+        _, _, tree = binomial_schedule(num_steps)
+        return _tree_solve(step, tree)(z0, list(thetas), list(step_args))
+    if remat == "step":
         step = checkpoint(step)
     z, auxs = z0, []
     for n in range(num_steps):
-        z, aux = step(z, thetas[n], None if step_args is None else step_args[n])
+        z, aux = step(z, thetas[n], step_args[n])
         auxs.append(aux)
     return z, auxs
 
@@ -212,7 +356,7 @@ def odeint_fixed(
       num_steps: number of steps, static int >= 1.
       solver: ``"euler"`` (1st order), ``"rk2"`` (explicit midpoint, 2nd), ``"rk4"`` (4th).
       per_step: see ``theta``.
-      remat: ``"none"``, ``"block"`` or ``"step"`` (see module docstring).
+      remat: ``"none"``, ``"block"``, ``"step"`` or ``"binomial"`` (see module docstring).
       step_args: optional pytree with leaves of leading axis ``num_steps``, passed to ``f``
         as its third argument, slice ``n`` at step ``n``.
       has_aux: ``f`` returns ``(dz, aux)``; the result is then ``(z1, aux)`` with aux
@@ -232,12 +376,10 @@ def odeint_fixed(
     def solve(z0, theta, step_args):
         thetas = [_slice(theta, n) if per_step else theta for n in range(num_steps)]
         args = None if step_args is None else [_slice(step_args, n) for n in range(num_steps)]
-        z1, auxs = solve_steps(
-            f, z0, thetas, args, solver=solver, checkpoint_steps=remat == "step", has_aux=has_aux
-        )
+        z1, auxs = solve_steps(f, z0, thetas, args, solver=solver, remat=remat, has_aux=has_aux)
         return (z1, stack_aux(auxs)) if has_aux else z1
 
-    if remat in ("block", "step"):
+    if remat != "none":
         solve = checkpoint(solve)
     return solve(z0, theta, step_args)
 

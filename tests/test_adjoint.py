@@ -52,7 +52,7 @@ def softsign(x):  # not special-cased in the adjoint: exercises the generic sigm
 def test_adjoint_equals_autodiff_for_every_remat_mode(steps_z, steps_w, schedule):
     z0, theta, coeffs = small_problem(jax.random.PRNGKey(0))
     ours = jax.jit(adjoint_grads, static_argnums=(3, 4, 5))(z0, theta, coeffs, steps_z, steps_w, schedule)
-    for remat in ("none", "block", "step"):
+    for remat in ("none", "block", "step", "binomial"):
         loss = make_loss(steps_z, steps_w, schedule, remat=remat)
         auto = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(z0, theta, coeffs)
         assert max_rel_err(ours, auto) <= 1e-8, remat
@@ -67,7 +67,10 @@ def test_adjoint_of_other_nonlinearities(nonlinearity):
     assert max_rel_err(ours, auto) <= 1e-8
 
 
-@pytest.mark.parametrize("steps_z, steps_w, schedule, remat", [(5, 5, "aligned", "none"), (2, 10, "endpoints", "block")])
+@pytest.mark.parametrize(
+    "steps_z, steps_w, schedule, remat",
+    [(5, 5, "aligned", "none"), (2, 10, "endpoints", "block"), (5, 5, "aligned", "binomial")],
+)
 def test_custom_vjp_path_equals_autodiff(steps_z, steps_w, schedule, remat):
     z0, theta, coeffs = small_problem(jax.random.PRNGKey(1))
     auto = jax.jit(jax.grad(make_loss(steps_z, steps_w, schedule), argnums=(0, 1, 2)))(z0, theta, coeffs)

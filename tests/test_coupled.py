@@ -7,7 +7,7 @@ import pytest
 
 from anodev2_jax import RDACoeffs, coupled_block, evolve_weights, odeint_fixed, trajectory_indices
 
-from helpers import small_conv_f, small_problem
+from helpers import max_rel_err, small_conv_f, small_problem, tree_allclose
 
 F64 = jnp.float64
 
@@ -75,12 +75,40 @@ def test_static_leaves_are_held_and_evolved_leaves_move():
 
 
 @pytest.mark.parametrize("solver", ["euler", "rk2", "rk4"])
-@pytest.mark.parametrize("remat", ["none", "block", "step"])
+@pytest.mark.parametrize("remat", ["none", "block", "step", "binomial"])
 def test_solvers_and_remat_give_the_same_forward(solver, remat):
     z0, theta, coeffs = small_problem(jax.random.PRNGKey(5))
     kw = dict(steps_z=2, steps_w=4, schedule="aligned", solver=solver)
     ref = coupled_block(small_conv_f, z0, theta, coeffs, **kw)
     np.testing.assert_allclose(coupled_block(small_conv_f, z0, theta, coeffs, remat=remat, **kw), ref, rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "steps_z, steps_w, schedule, solver",
+    [(5, 5, "aligned", "euler"), (2, 10, "endpoints", "rk4")],
+    ids=["conf1", "conf2"],
+)
+def test_binomial_remat_gradients_equal_none(steps_z, steps_w, schedule, solver):
+    # the RDA trajectory is computed inside the block checkpoint and handed to the nested
+    # segments as inputs: its gradient must flow back through them exactly
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(11))
+    scales = jnp.linspace(0.5, 1.5, steps_z, dtype=F64)
+
+    def f(z, th, s):
+        dz = s * small_conv_f(z, th)
+        return dz, jnp.mean(dz)
+
+    def loss(z0, theta, coeffs, scales, remat):
+        z1, aux = coupled_block(f, z0, theta, coeffs, steps_z=steps_z, steps_w=steps_w, schedule=schedule,
+                                solver=solver, remat=remat, step_args=scales, has_aux=True)
+        return jnp.sum(jnp.sin(z1)) + jnp.sum(aux**2), aux
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+    (v_ref, aux_ref), g_ref = grad(z0, theta, coeffs, scales, "none")
+    (v, aux), g = grad(z0, theta, coeffs, scales, "binomial")
+    np.testing.assert_allclose(v, v_ref, rtol=1e-14)
+    assert tree_allclose(aux, aux_ref, rtol=1e-14, atol=0)
+    assert max_rel_err(g, g_ref) < 1e-13
 
 
 def test_steps_w_defaults_to_steps_z():

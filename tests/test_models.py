@@ -299,6 +299,7 @@ def test_neural_ode_matches_anode():
     "name, method, knobs",
     [
         ("resnet4", "anodev2_conf1", dict(solver="rk4", remat="step")),
+        ("resnet4", "anodev2_conf1", dict(remat="binomial")),
         ("resnet4", "anodev2_conf2", dict(solver="rk2", norm="shared", nonlinearity="none")),
         ("resnet4", "anodev2_conf1", dict(adjoint="discrete", norm="shared", remat="step", nonlinearity="sigmoid")),
         ("alexnet", "anodev2_conf1", dict(coeff_granularity="filter", adjoint="discrete")),

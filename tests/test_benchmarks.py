@@ -1,0 +1,78 @@
+"""Smoke tests of the benchmark scripts: each runs in its tiny ``--quick`` mode and prints its table.
+
+No timing is asserted (timings belong to the scripts' output, not to tests). The scripts
+run as subprocesses, as a user runs them (so the suite's x64 and strict promotion settings
+do not leak into them), all three at once to keep the wall time down; each is cut to the
+fewest programs that still cover its code path.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+COMMANDS = {
+    "step_time": [str(BENCH / "step_time.py"), "--quick", "--methods", "baseline", "conf2"],
+    "memory": [str(BENCH / "memory.py"), "--quick", "--remat", "block"],
+    "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
+}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """Run every script once (in parallel); ``{name: (returncode, stdout, stderr, out_file)}``."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("JAX_ENABLE_X64", None)
+    procs = {}
+    for name, cmd in COMMANDS.items():
+        if name == "torch_peer" and not (_has("torch") and _has("torchdiffeq")):
+            continue
+        out = tmp / f"{name}.md"
+        procs[name] = (
+            subprocess.Popen([sys.executable, *cmd, "--out", str(out)], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+            out,
+        )
+    results = {}
+    for name, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        results[name] = (proc.returncode, stdout, stderr, out)
+    return results
+
+
+def _check(outputs, name, must_contain):
+    if name not in outputs:
+        pytest.skip(f"{name}: torch and torchdiffeq are not installed (pip install -e '.[bench]')")
+    code, stdout, stderr, out = outputs[name]
+    assert code == 0, f"{name} failed:\n{stderr[-3000:]}"
+    assert "|---" in stdout, f"{name} printed no markdown table:\n{stdout}"
+    for text in must_contain:
+        assert text in stdout, f"{name}: {text!r} missing from\n{stdout}"
+    assert out.read_text().strip() == stdout.strip(), f"{name}: --out file differs from the printed tables"
+
+
+@pytest.mark.slow
+def test_step_time_quick(outputs):
+    _check(outputs, "step_time", ["ResNet-4", "baseline", "conf. 2 / baseline", "GFLOP/step"])
+
+
+@pytest.mark.slow
+def test_memory_quick(outputs):
+    _check(outputs, "memory", ["steps_z", "block (MiB)", "Compile seconds", "Best mode at steps_z=2", "Target (<= 1.5x)"])
+
+
+@pytest.mark.slow
+def test_torch_peer_quick(outputs):
+    _check(outputs, "torch_peer", ["PyTorch channels_last", "JAX remat=block", "Same computation checked first"])

@@ -110,11 +110,11 @@ stage 120 "step_time.py ResNet-4" "$PY" benchmarks/step_time.py --models resnet4
 if [ -n "$QUICK" ]; then
   stage 80 "memory.py (quick)" "$PY" benchmarks/memory.py --quick --remat block step --out "$RESULTS"
 else
-  stage 80 "memory.py ResNet-10" "$PY" benchmarks/memory.py --steps-z 1 5 20 --remat block step --out "$RESULTS"
+  stage 100 "memory.py ResNet-10" "$PY" benchmarks/memory.py --steps-z 1 20 --remat step binomial --out "$RESULTS"
 fi
 # ---- 4. the larger models, the rows of the paper's two ratios
 if [ -z "$QUICK" ]; then
-  stage 90 "step_time.py ResNet-10 and AlexNet" "$PY" benchmarks/step_time.py --models resnet10 alexnet \
+  stage 80 "step_time.py ResNet-10 and AlexNet" "$PY" benchmarks/step_time.py --models resnet10 alexnet \
     --methods baseline anode_z5 conf1 conf2 --steps 20 --out "$RESULTS"
 fi
 

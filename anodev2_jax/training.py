@@ -468,7 +468,7 @@ def _check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional
             )
         return None
     ckpt_dir = workdir / "checkpoints"
-    steps_done = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    steps_done = _checkpoint_steps(ckpt_dir)
     if steps_done and steps_per_epoch and max(steps_done) > cfg["num_epochs"] * steps_per_epoch:
         epochs = -(-max(steps_done) // steps_per_epoch)
         raise ConfigError(
@@ -863,22 +863,18 @@ class _Logger:
     def write(self, kind: str, epoch: int, step: int, per_seed: dict[str, np.ndarray], shared: dict[str, float]):
         if not self.active:
             return
-        for i, seed in enumerate(self.seeds):
-            rec = {"kind": kind, "epoch": epoch, "step": step, "seed": seed}
-            rec.update({k: _json_number(np.asarray(v)[i].item()) for k, v in per_seed.items()})  # counts stay ints
-            rec.update({k: float(v) for k, v in shared.items()})
-            try:
-                self.file.write(json.dumps(rec) + "\n")
-            except OSError as e:
-                e.filename = str(self.path)
-                raise
-            for k, v in rec.items():
-                if k not in ("kind", "epoch", "step", "seed") and v is not None:
-                    self.writers[i].add_scalar(self._tag(kind, k), v, step)
         try:
+            for i, seed in enumerate(self.seeds):
+                rec = {"kind": kind, "epoch": epoch, "step": step, "seed": seed}
+                rec.update({k: _json_number(np.asarray(v)[i].item()) for k, v in per_seed.items()})  # counts stay ints
+                rec.update({k: float(v) for k, v in shared.items()})
+                self.file.write(json.dumps(rec) + "\n")
+                for k, v in rec.items():
+                    if k not in ("kind", "epoch", "step", "seed") and v is not None:
+                        self.writers[i].add_scalar(self._tag(kind, k), v, step)
             self.file.flush()
-        except OSError as e:
-            e.filename = str(self.path)
+        except OSError as e:  # a failing write() does not name its file
+            e.filename = e.filename or str(self.path)
             raise
 
     @staticmethod
@@ -1033,9 +1029,14 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
+def _checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``ckpt_dir`` (orbax renames a checkpoint into place when complete)."""
+    return [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+
+
 def _last_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint directory (orbax renames a checkpoint into place when complete)."""
-    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
+    """The newest complete checkpoint directory, or None."""
+    steps = _checkpoint_steps(ckpt_dir)
     return ckpt_dir / str(max(steps)) if steps else None
 
 

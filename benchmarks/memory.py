@@ -33,6 +33,7 @@ Run: ``python benchmarks/memory.py [--model resnet10] [--method anodev2_conf1|an
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -68,16 +69,12 @@ def temp_bytes(model: str, method: str, steps_z: int, remat: str, batch: int) ->
 
 
 def abstract_state(net, tx):
-    """Shapes of a one-replica :class:`~anodev2_jax.training.TrainState` (leading seed axis of length 1)."""
+    """Shapes of a one-replica :class:`~anodev2_jax.training.TrainState` (leading seed axis of length 1).
 
-    def one():
-        v = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-        return training.TrainState(
-            step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v.get("batch_stats", {}),
-            opt_state=tx.init(v["params"]),
-        )
-
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape, a.dtype), jax.eval_shape(one))
+    The training system's own per-replica init, traced for shapes only: nothing is allocated.
+    """
+    init = jax.vmap(functools.partial(training._init_one, net, tx))
+    return jax.eval_shape(init, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 
 def main(argv=None) -> None:

@@ -10,14 +10,22 @@
 #
 # Installs nothing: the project runs from this checkout (PYTHONPATH), and its dependencies
 # (jax with CUDA, flax, optax, diffrax, ml_collections, orbax, tensorboardX) must already be
-# importable; the script stops at once, naming what is missing, if they are not. Each stage
+# importable; the script stops at once, naming what is missing, if they are not.
+#
+# On a machine with no package index (a lent GPU whose image already has jax, flax, optax,
+# diffrax and orbax but not ml_collections or tensorboardX), fetch those two as wheels where
+# pip works and copy the folder over (/.whl/ is git-ignored):
+#   pip download --no-deps -d .whl ml_collections tensorboardX            # where pip works
+#   pip install --no-index --no-deps .whl/*.whl && bash benchmarks/gpu.sh  # on the GPU machine
+# Each stage
 # has its own time limit so the whole stays under 8 minutes; a stage that runs out of time
 # is recorded as such in the results file and the next one starts.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+[ -n "$PY" ] || { echo "gpu.sh: neither python nor python3 is on PATH; set PYTHON=/path/to/python" >&2; exit 1; }
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS_DIR="${OUT:-$REPO/benchmarks}"
 RESULTS="$RESULTS_DIR/gpu_results.md"

@@ -286,6 +286,41 @@ _DEVICE_SCRIPT = textwrap.dedent(
 )
 
 
+def _lowered_text(step, args, platform: str) -> str:
+    return jax.export.export(step, platforms=[platform])(*args).mlir_module()
+
+
+def test_train_step_lowers_for_gpu_and_tpu_without_cpu_kernels():
+    """The 5-seed ResNet-4 conf. 1 train step lowers for CUDA and TPU on this CPU-only machine.
+
+    Lowering needs no accelerator (``jax.export``), so CPU-only CI still catches an op with
+    no accelerator lowering, or a CPU-only code path leaking into the accelerator program.
+    ``models.conv2d`` computes kernel gradients as matrix products on CPU only
+    (``lax.platform_dependent``), inside a ``lax.scan`` where the batch needs several cache-
+    sized chunks (here: the ODE block's 16-channel layers). The accelerator programs must have
+    no loop at all and one more convolution per layer (stem + 2 per Euler step x 5 = 11): each
+    kernel gradient as the library's convolution.
+    """
+    config = tiny_config("resnet4", "anodev2_conf1", num_seeds=5)
+    model = training.create_model(config)
+    tx, _ = training.create_optimizer(config, steps_per_epoch=2)
+    mesh = training.make_mesh()
+    state = training.init_train_state(model, tx, list(range(5)), mesh)
+    step = training.make_train_step(model, tx, mesh, 5)
+    args = (
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state),
+        jax.ShapeDtypeStruct((5, 8, 32, 32, 3), np.uint8),
+        jax.ShapeDtypeStruct((5, 8), np.int32),
+        jax.ShapeDtypeStruct((5,), np.int32),
+    )
+    cpu = _lowered_text(step, args, "cpu")
+    assert cpu.count("stablehlo.while") >= 10  # the ODE block's kernel-gradient scans (threefry also loops on CPU)
+    for platform in ("cuda", "tpu"):
+        text = _lowered_text(step, args, platform)
+        assert text.count("stablehlo.while") == 0, platform
+        assert text.count("stablehlo.convolution") == cpu.count("stablehlo.convolution") + 11, platform
+
+
 def test_four_devices_equal_one_device():
     """Two data-parallel steps over 4 (fake CPU) devices equal the same steps on 1 device."""
     # Optimization level 0: XLA:CPU compiles threefry and the model ~5x faster; both sides alike.

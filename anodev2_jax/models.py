@@ -458,7 +458,7 @@ def _bn_relu_bwd(x, scale, bias, mean, var, g, g_mean, g_var):
 def conv_bn_relu_chain(z, layers, paddings):
     """Train-mode ``relu(bn_k(conv_k(... relu(bn_1(conv_1(z))))))``; returns ``(h, ((mean, var), ...))``.
 
-    ``layers``: one dict per layer, ``{"kernel": HWIO, ["bias": (C,),] "scale": (C,), "shift": (C,)}``
+    ``layers``: a list or tuple of one dict per layer, ``{"kernel": HWIO, ["bias": (C,),] "scale": (C,), "shift": (C,)}``
     (conv kernel and optional bias, BatchNorm scale and shift); ``paddings``: one static
     ``((lo, hi), (lo, hi))`` per layer (stride 1). BatchNorm uses the batch moments (biased
     variance), which are returned per layer.
@@ -505,7 +505,7 @@ def _chain_bwd(paddings, res, cts):
         grad["kernel"] = _conv_kernel_grad(x, dy, layer["kernel"], (1, 1), paddings[k], pre)
         g = _conv_input_grad(dy, layer["kernel"], (1, 1), paddings[k], x.shape[:3] + (layer["kernel"].shape[2],))
         grads[k] = grad
-    return g, tuple(grads)
+    return g, type(layers)(grads)  # the container the caller passed (list or tuple)
 
 
 conv_bn_relu_chain.defvjp(_chain_fwd, _chain_bwd)

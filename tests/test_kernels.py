@@ -114,7 +114,7 @@ def test_conv_bn_relu_chain_matches_autodiff(with_bias, chunked, monkeypatch):
         if with_bias:
             layer["bias"] = jnp.linspace(-0.3, 0.3, c, dtype=jnp.float64)
         layers.append(layer)
-    layers = tuple(layers)
+    layers = tuple(layers) if chunked else layers  # a list or a tuple: the gradient comes back in the same container
     paddings = (((1, 1), (1, 1)), ((0, 0), (0, 0)))
     fast = lambda z, layers: models.conv_bn_relu_chain(z, layers, paddings)  # noqa: E731
     plain = lambda z, layers: _plain_chain(z, layers, paddings)  # noqa: E731

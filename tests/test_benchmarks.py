@@ -2,7 +2,7 @@
 
 No timing is asserted (timings belong to the scripts' output, not to tests). The scripts
 run as subprocesses, as a user runs them (so the suite's x64 and strict promotion settings
-do not leak into them), all three at once to keep the wall time down; each is cut to the
+do not leak into them), all at once to keep the wall time down; each is cut to the
 fewest programs that still cover its code path.
 """
 
@@ -20,6 +20,7 @@ COMMANDS = {
     "step_time": [str(BENCH / "step_time.py"), "--quick", "--methods", "baseline", "conf2"],
     "memory": [str(BENCH / "memory.py"), "--quick", "--remat", "block"],
     "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
+    "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
 }
 
 
@@ -76,3 +77,11 @@ def test_memory_quick(outputs):
 @pytest.mark.slow
 def test_torch_peer_quick(outputs):
     _check(outputs, "torch_peer", ["PyTorch channels_last", "JAX remat=block", "Same computation checked first"])
+
+
+@pytest.mark.slow
+def test_conv_kernels_quick(outputs):
+    must = ["XLA convolution (used)", "Winograd", "models._kernel_grad", "closed form, two passes (used)"]
+    if _has("torch"):
+        must.append("PyTorch convolution_backward, channels_last")
+    _check(outputs, "conv_kernels", must)

@@ -171,8 +171,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.rounds = 8, 2
-    if args.batch % 4:
-        p.error(f"--batch {args.batch}: must be a multiple of 4 (Winograd's chunk); use e.g. --batch 128")
+    if args.batch < 4 or args.batch % 4:
+        p.error(f"--batch {args.batch}: must be a positive multiple of 4 (Winograd's chunk); use e.g. --batch 128")
+    if args.rounds < 1 or args.threads < 1:
+        p.error(f"--rounds {args.rounds} / --threads {args.threads}: both must be at least 1")
 
     rng = np.random.default_rng(0)
     b = args.batch

@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (median reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (default: all cores, as XLA:CPU)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads (default: all cores, as XLA:CPU)")
     p.add_argument("--no-torch", action="store_true", help="leave the PyTorch rows out")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 8, 2 rounds")
     p.add_argument("--out", default=None, help="also append the markdown table to this file")

@@ -201,7 +201,7 @@ def main(argv=None) -> None:
         ("BatchNorm+ReLU backward", "autodiff"): (bn_relu_backward_autodiff, (g, scale, shift, x)),
         ("BatchNorm+ReLU backward", "closed form, two passes (used)"): (bn_relu_backward_ours, (g, scale, shift, x)),
     }
-    contenders, results = {}, {}
+    contenders, results, torch_version = {}, {}, None
     for key, (fn, fargs) in jax_rows.items():
         fn = jax.jit(fn)
 
@@ -216,6 +216,7 @@ def main(argv=None) -> None:
         except ImportError:
             common.log("conv_kernels: torch not installed; PyTorch rows left out (pip install -e '.[bench]')")
         else:
+            torch_version = torch.__version__
             for key, (fn, res) in torch_rows(x, k, g, args.threads).items():
                 contenders[key], results[key] = fn, res
 
@@ -244,8 +245,7 @@ def main(argv=None) -> None:
                      f"{errors[(piece, label)]:.0e}"])
     text = [
         f"### One ResNet-4 ODE layer (3x3 conv 16->16 on 32x32, BatchNorm, ReLU), batch {b}, float32\n",
-        common.machine() + (f"; torch {__import__('torch').__version__}, {args.threads} threads"
-                            if any("PyTorch" in lbl for _, lbl in contenders) else ""),
+        common.machine() + (f"; torch {torch_version}, {args.threads} threads" if torch_version else ""),
         f"Median of {args.rounds} interleaved rounds; GFLOP/s counts the convolution's {flops / 1e9:.2f} GFLOP. "
         "Difference: max |result - first row of its piece| / max |first row|.\n",
         common.markdown_table(["piece", "method", "ms", "GFLOP/s", "difference"], rows, "llrrr"),

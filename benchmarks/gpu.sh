@@ -17,9 +17,9 @@
 # pip works and copy the folder over (/.whl/ is git-ignored):
 #   pip download --no-deps -d .whl ml_collections tensorboardX            # where pip works
 #   pip install --no-index --no-deps .whl/*.whl && bash benchmarks/gpu.sh  # on the GPU machine
-# Each stage
-# has its own time limit so the whole stays under 8 minutes; a stage that runs out of time
-# is recorded as such in the results file and the next one starts.
+#
+# Each stage has its own time limit so the whole stays under 8 minutes; a stage that runs
+# out of time is recorded as such in the results file and the next one starts.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -76,6 +76,11 @@ def _npz(tmp_path, *, image_shape=(32, 32, 3), label_max=9, dtype=np.uint8):
     return str(path)
 
 
+def _npz_args(**npz_kwargs):
+    """A case's args: the smoke config reading a generated npz made by :func:`_npz` with ``npz_kwargs``."""
+    return lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, **npz_kwargs)}"]
+
+
 def _corrupt_npz(tmp_path):
     path = tmp_path / "data.npz"
     path.write_bytes(b"PK\x03\x04" + os.urandom(200))  # a zip header, then garbage
@@ -137,15 +142,15 @@ CASES = {
         ["data.npz", "not a readable .npz", "np.savez"],
     ),
     "npz with NCHW images": Case(
-        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, image_shape=(3, 32, 32))}"],
+        _npz_args(image_shape=(3, 32, 32)),
         ["x_train", "(N, 32, 32, 3)", "transpose"],
     ),
     "npz with float images": Case(
-        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, dtype=np.float32)}"],
+        _npz_args(dtype=np.float32),
         ["x_train", "dtype float32", "astype(np.uint8)"],
     ),
     "labels out of range": Case(
-        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_npz(tmp, label_max=12)}"],
+        _npz_args(label_max=12),
         ["y_train", "outside [0, 10)", "remap"],
     ),
     "workdir of another config": Case(

@@ -10,7 +10,7 @@ from anodev2_jax.rda import spectral_symbol as spectral_symbol
 from anodev2_jax.ode import odeint_fixed as odeint_fixed
 from anodev2_jax.ode import odeint_diffrax as odeint_diffrax
 from anodev2_jax.coupled import coupled_block as coupled_block
-from anodev2_jax.coupled import trajectory_indices as trajectory_indices
+from anodev2_jax.trajectory import trajectory_indices as trajectory_indices
 from anodev2_jax.adjoint import discrete_adjoint as discrete_adjoint
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """Hand-written discrete adjoint of the coupled block (Eq. 2.5, discretized exactly as the forward).
 
-Forward (see :mod:`anodev2_jax.coupled`), forward Euler with ``h = 1/N``, ``N = steps_z``:
+Forward (see :mod:`anodev2_jax.coupled` and :mod:`anodev2_jax.trajectory`), forward Euler with ``h = 1/N``, ``N = steps_z``:
 
     W_{m+1} = sigma(u_m),   u_m = A W_m,   A = IFFT2 . diag(exp(dt lam)) . FFT2,   m < M
     z_{n+1} = z_n + h f(z_n, theta_n),     theta_n = W_{idx_n} (evolved) / w (static)
@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from anodev2_jax import ode
-from anodev2_jax.coupled import BlockSpec, make_spec, split_tree, weight_trajectories, weights_at_step
-from anodev2_jax.rda import RDACoeffs, _align, apply_multiplier, rda_multiplier, wavenumbers
+from anodev2_jax.trajectory import BlockSpec, is_evolution_leaf, make_spec, split_tree, weight_trajectories, weights_at_step
+from anodev2_jax.rda import RDACoeffs, align, apply_multiplier, rda_multiplier, wavenumbers
 
 __all__ = ["discrete_adjoint", "coupled_block_discrete", "rda_adjoint"]
 
@@ -85,7 +85,7 @@ def rda_adjoint(traj, coeffs: RDACoeffs, gammas, *, dt, nonlinearity):
     dtype, shape = w0.dtype, w0.shape
     m_count = len(traj) - 1
     mult = rda_multiplier(shape[:2], coeffs, dt, dtype)
-    mult_b = _align(mult, w0.ndim)
+    mult_b = align(mult, w0.ndim)
     kh, kw = shape[:2]
     k0, k0_adv = wavenumbers(kh, dtype)
     k1, k1_adv = wavenumbers(kw, dtype)
@@ -132,7 +132,7 @@ def _as_arrays(coeffs):
     return jax.tree_util.tree_map(
         lambda c: None if c is None else RDACoeffs(*(jnp.asarray(x) for x in c)),
         coeffs,
-        is_leaf=lambda x: x is None or isinstance(x, RDACoeffs),
+        is_leaf=is_evolution_leaf,
     )
 
 
@@ -145,9 +145,9 @@ def _fwd_impl(f, spec: BlockSpec, z0, theta0, coeffs, step_args):
     for n in range(spec.steps_z):
         zs.append(z)
         theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n)
-        args_n = None if step_args is None else ode._slice(step_args, n)
-        dz, aux = ode._call(f, z, theta_n, args_n, spec.has_aux)
-        z = ode._axpy(h, dz, z)
+        args_n = None if step_args is None else ode.tree_slice(step_args, n)
+        dz, aux = ode.apply_f(f, z, theta_n, args_n, spec.has_aux)
+        z = ode.axpy(h, dz, z)
         auxs.append(aux)
     out = (z, ode.stack_aux(auxs)) if spec.has_aux else z
     return out, (zs, trajs)
@@ -162,10 +162,10 @@ def _bwd_impl(f, spec: BlockSpec, theta0, coeffs, step_args, zs, trajs, z1_bar):
     alpha = z1_bar
     for n in range(spec.steps_z - 1, -1, -1):
         theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n)
-        args_n = None if step_args is None else ode._slice(step_args, n)
+        args_n = None if step_args is None else ode.tree_slice(step_args, n)
 
         def f_n(z, theta, args):
-            return ode._call(f, z, theta, args, spec.has_aux)[0]
+            return ode.apply_f(f, z, theta, args, spec.has_aux)[0]
 
         _, vjp = jax.vjp(f_n, zs[n], theta_n, args_n)
         z_bar, theta_bar, a_bar = vjp(jax.tree_util.tree_map(lambda a: (h * a).astype(a.dtype), alpha))
@@ -191,7 +191,7 @@ def _bwd_impl(f, spec: BlockSpec, theta0, coeffs, step_args, zs, trajs, z1_bar):
     if coeffs is None:
         coeffs_bar_tree = None
     else:
-        c_treedef = jax.tree_util.tree_structure(coeffs, is_leaf=lambda x: x is None or isinstance(x, RDACoeffs))
+        c_treedef = jax.tree_util.tree_structure(coeffs, is_leaf=is_evolution_leaf)
         coeffs_bar_tree = jax.tree_util.tree_unflatten(c_treedef, coeffs_bar)
     step_args_bar = None if step_args is None else ode.stack_aux(args_bar)
     return alpha, theta0_bar, coeffs_bar_tree, step_args_bar

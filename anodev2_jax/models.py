@@ -112,7 +112,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from anodev2_jax import ode
-from anodev2_jax.coupled import SCHEDULES, coupled_block, trajectory_indices
+from anodev2_jax.coupled import coupled_block
+from anodev2_jax.trajectory import SCHEDULES, trajectory_indices
 from anodev2_jax.rda import RDACoeffs
 
 __all__ = [

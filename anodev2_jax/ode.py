@@ -1,59 +1,19 @@
 """Fixed-step ODE solvers for the activation ODE ``dz/dt = f(z, theta)`` on ``[0, 1]`` (Eq. 1.1, 2.3b).
 
-Two families behind one call shape:
-
-* :func:`odeint_fixed`: discretize-then-optimize (DTO). The solve is an unrolled Python
-  loop of ``num_steps`` explicit steps, so ``jax.grad`` gives the *exact* gradient of the
-  discrete forward pass (ANODE [9]). Memory is controlled by ``remat`` (all modes give the
-  same values and gradients; ``N`` = number of steps, ``|z|`` = one activation):
-
-  - ``"none"``: autodiff stores every intermediate of every step: ``O(N * |internals of f|)``.
-  - ``"block"``: ANODE's checkpointing: only the block input is kept; the whole block is
-    recomputed (once) in the backward pass, which then holds the block's full step graph,
-    so the peak is as for ``"none"`` but only for one block at a time.
-  - ``"step"``: ``"block"`` plus a checkpoint around each step: the backward pass keeps one
-    activation per step and recomputes one step's internals at a time: ``N * |z|`` plus one
-    step's internals.
-  - ``"binomial"``: ``"block"`` plus nested checkpoints over segments of steps (revolve's
-    binomial checkpointing, Griewank & Walther 2000, in recursive form) chosen by
-    :func:`binomial_schedule`: the backward pass holds ``s`` activations (``s`` = 1, 2, 3,
-    4 for ``N`` = 1, 2-4, 5-21, 22-120: ``O(log N)``) plus one step's internals, and each
-    step is recomputed at most ``floor(log2 N) + 1`` times.
-
-  Cost, in forward step evaluations per training step (each mode adds one backward
-  evaluation per step): ``"none"`` ``N``; ``"block"`` ``2N``; ``"step"`` ``3N - 1``;
-  ``"binomial"`` ``2N + T`` with ``T`` = 1, 6, 20, 65 at ``N`` = 2, 5, 10, 20 (so 5, 16, 40,
-  105, against ``"step"``'s 5, 14, 29, 59). Memory measured on the test problem
-  (``tests/test_ode.py``, in activations): 1 step 6.0; 20 steps ``"binomial"`` 9.2,
-  ``"step"`` 24.1, ``"none"``/``"block"`` 82. ResNet-10's whole training step
-  (``benchmarks/memory.py``: compiled temporary memory, batch 256, configuration 1 with
-  ``steps_w = steps_z``, XLA:CPU) at ``steps_z`` = 1 / 5 / 20: ``"none"`` 332 / 1133 / 4140
-  MiB, ``"block"`` 188 / 470 / 1704, ``"step"`` 188 / 222 / 481, ``"binomial"`` 188 / 221 /
-  246 (1.31x its 1-step memory at 20 steps; ``"step"`` 2.56x). At the paper's ``steps_z``
-  (2, 5) ``"binomial"`` holds what ``"step"`` holds, and a ResNet-4 ANODE step at
-  ``steps_z = 5`` (batch 256, 2-core CPU) took about 10-15% longer than with ``"block"``,
-  so the models keep ``"block"``; use ``"binomial"`` for long solves.
-
-  All but ``"none"`` are built by :func:`checkpoint`, a ``jax.custom_vjp`` that recomputes in
-  order, because ``jax.checkpoint`` inside an unrolled loop saved no memory on XLA:CPU (see
-  there).
-
-  Loops are unrolled rather than ``lax.scan``-ned because the step counts are small and
-  static and, on XLA:CPU, convolutions inside ``scan`` train about 19x slower than unrolled
-  (jax-ml/jax#12868, measured again for this project, see DESIGN.md).
-
-* :func:`odeint_diffrax`: the same fixed grid and solvers, solved by diffrax. With
-  ``adjoint="backsolve"`` it is the Neural ODE of Chen et al. [8] (continuous adjoint,
-  optimize-then-discretize: the gradient is *approximate*, Table 4 row [8]); with
-  ``adjoint="checkpoint"`` diffrax's ``RecursiveCheckpointAdjoint`` gives the exact DTO
-  gradient and serves as an independent cross-check of :func:`odeint_fixed`.
+* :func:`odeint_fixed`: discretize-then-optimize (DTO). The solve is an unrolled loop of
+  ``num_steps`` explicit steps (euler, rk2, rk4), so ``jax.grad`` gives the *exact*
+  gradient of the discrete forward pass (ANODE [9]); memory is controlled by ``remat``
+  (:data:`REMAT_MODES`), built from :func:`checkpoint`.
+* :func:`odeint_diffrax`: the same fixed grid solved by diffrax; ``adjoint="backsolve"`` is
+  the Neural ODE of Chen et al. [8] (continuous adjoint, optimize-then-discretize, Eq. 2.2),
+  ``adjoint="checkpoint"`` an independent exact cross-check.
 
 The ODE function is ``f(z, theta)``, or ``f(z, theta, args_n)`` when ``step_args`` is
 given: a pytree whose leaves have a leading axis of length ``num_steps``; step ``n`` (all
 its stages) receives slice ``n``. This is how a model gives each activation step its own
-BatchNorm (see models.py). With ``has_aux=True``, ``f`` returns ``(dz, aux)`` and the
-solver returns ``(z1, aux)`` with the aux of each step's first stage stacked on a leading
-axis (aux is not differentiated: use it for statistics such as BatchNorm's batch moments).
+BatchNorm. With ``has_aux=True``, ``f`` returns ``(dz, aux)`` and the solver returns
+``(z1, aux)`` with the aux of each step's first stage stacked on a leading axis (aux is not
+differentiated: use it for statistics such as BatchNorm's batch moments).
 """
 
 from __future__ import annotations
@@ -68,26 +28,73 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "SOLVERS", "REMAT_MODES", "binomial_schedule", "checkpoint", "odeint_fixed", "odeint_diffrax", "solve_steps",
+    "SOLVERS",
+    "REMAT_MODES",
+    "check_num_steps",
+    "check_choice",
+    "check_leading_axis",
+    "tree_slice",
+    "apply_f",
+    "axpy",
+    "binomial_schedule",
+    "checkpoint",
+    "solve_steps",
+    "stack_aux",
+    "odeint_fixed",
+    "odeint_diffrax",
 ]
 
 SOLVERS = ("euler", "rk2", "rk4")
+
+# Remat modes. All give the same values and gradients; N = number of steps, |z| = one activation.
+#
+# - "none": autodiff stores every intermediate of every step: O(N * |internals of f|).
+# - "block": ANODE's checkpointing: only the block input is kept; the whole block is
+#   recomputed (once) in the backward pass, which then holds the block's full step graph,
+#   so the peak is as for "none" but only for one block at a time.
+# - "step": "block" plus a checkpoint around each step: the backward pass keeps one
+#   activation per step and recomputes one step's internals at a time: N * |z| plus one
+#   step's internals.
+# - "binomial": "block" plus nested checkpoints over segments of steps (revolve's binomial
+#   checkpointing, Griewank & Walther 2000, in recursive form) chosen by binomial_schedule:
+#   the backward pass holds s activations (s = 1, 2, 3, 4 for N = 1, 2-4, 5-21, 22-120:
+#   O(log N)) plus one step's internals, and each step is recomputed at most
+#   floor(log2 N) + 1 times.
+#
+# Cost, in forward step evaluations per training step (each mode adds one backward
+# evaluation per step): "none" N; "block" 2N; "step" 3N - 1; "binomial" 2N + T with T = 1,
+# 6, 20, 65 at N = 2, 5, 10, 20 (so 5, 16, 40, 105, against "step"'s 5, 14, 29, 59). Memory
+# measured on the test problem (tests/test_ode.py, in activations): 1 step 6.0; 20 steps
+# "binomial" 9.2, "step" 24.1, "none"/"block" 82. ResNet-10's whole training step
+# (benchmarks/memory.py: compiled temporary memory, batch 256, configuration 1 with
+# steps_w = steps_z, XLA:CPU) at steps_z = 1 / 5 / 20: "none" 332 / 1133 / 4140 MiB, "block"
+# 188 / 470 / 1704, "step" 188 / 222 / 481, "binomial" 188 / 221 / 246 (1.31x its 1-step
+# memory at 20 steps; "step" 2.56x). At the paper's steps_z (2, 5) "binomial" holds what
+# "step" holds, and a ResNet-4 ANODE step at steps_z = 5 (batch 256, 2-core CPU) took about
+# 10-15% longer than with "block", so the models keep "block"; use "binomial" for long solves.
+#
+# Loops are unrolled rather than lax.scan-ned because the step counts are small and static
+# and, on XLA:CPU, convolutions inside scan train about 19x slower than unrolled
+# (jax-ml/jax#12868, measured again for this project, see DESIGN.md).
 REMAT_MODES = ("none", "block", "step", "binomial")
 
 PyTree = Any
 
 
 def check_num_steps(name: str, value) -> None:
+    """Raise a ValueError unless ``value`` is a Python int >= 1 (a number of time steps)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a Python int >= 1 (number of time steps on [0, 1])")
 
 
 def check_choice(name: str, value, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of them."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
 
 
-def _leading_len(tree: PyTree, name: str, num_steps: int) -> None:
+def check_leading_axis(tree: PyTree, name: str, num_steps: int) -> None:
+    """Raise a ValueError unless every leaf of ``tree`` has a leading axis of length ``num_steps``."""
     for leaf in jax.tree_util.tree_leaves(tree):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_steps:
             raise ValueError(
@@ -96,16 +103,18 @@ def _leading_len(tree: PyTree, name: str, num_steps: int) -> None:
             )
 
 
-def _slice(tree: PyTree, n: int) -> PyTree:
+def tree_slice(tree: PyTree, n: int) -> PyTree:
+    """Slice ``n`` of the leading axis of every leaf (step ``n``'s weights or ``step_args``)."""
     return jax.tree_util.tree_map(lambda a: a[n], tree)
 
 
-def _call(f, z, theta, args, has_aux):
+def apply_f(f, z, theta, args, has_aux):
+    """``(dz, aux)`` of the ODE function: ``f(z, theta[, args])``; aux is None without ``has_aux``."""
     out = f(z, theta) if args is None else f(z, theta, args)
     return out if has_aux else (out, None)
 
 
-def _axpy(h, k, z):
+def axpy(h, k, z):
     """``z + h * k`` keeping ``z``'s dtype (``h`` is a Python float)."""
     return z + (h * k).astype(z.dtype)
 
@@ -184,20 +193,20 @@ def _make_step(f, solver: str, h: float, has_aux: bool):
     """One explicit step ``z_n -> z_{n+1}`` of the chosen Runge-Kutta method."""
 
     def euler(z, theta, args):
-        k1, aux = _call(f, z, theta, args, has_aux)
-        return _axpy(h, k1, z), aux
+        k1, aux = apply_f(f, z, theta, args, has_aux)
+        return axpy(h, k1, z), aux
 
     def rk2(z, theta, args):  # explicit midpoint
-        k1, aux = _call(f, z, theta, args, has_aux)
-        k2, _ = _call(f, _axpy(0.5 * h, k1, z), theta, args, has_aux)
-        return _axpy(h, k2, z), aux
+        k1, aux = apply_f(f, z, theta, args, has_aux)
+        k2, _ = apply_f(f, axpy(0.5 * h, k1, z), theta, args, has_aux)
+        return axpy(h, k2, z), aux
 
     def rk4(z, theta, args):
-        k1, aux = _call(f, z, theta, args, has_aux)
-        k2, _ = _call(f, _axpy(0.5 * h, k1, z), theta, args, has_aux)
-        k3, _ = _call(f, _axpy(0.5 * h, k2, z), theta, args, has_aux)
-        k4, _ = _call(f, _axpy(h, k3, z), theta, args, has_aux)
-        return _axpy(h / 6.0, k1 + 2 * k2 + 2 * k3 + k4, z), aux
+        k1, aux = apply_f(f, z, theta, args, has_aux)
+        k2, _ = apply_f(f, axpy(0.5 * h, k1, z), theta, args, has_aux)
+        k3, _ = apply_f(f, axpy(0.5 * h, k2, z), theta, args, has_aux)
+        k4, _ = apply_f(f, axpy(h, k3, z), theta, args, has_aux)
+        return axpy(h / 6.0, k1 + 2 * k2 + 2 * k3 + k4, z), aux
 
     return {"euler": euler, "rk2": rk2, "rk4": rk4}[solver]
 
@@ -356,7 +365,7 @@ def odeint_fixed(
       num_steps: number of steps, static int >= 1.
       solver: ``"euler"`` (1st order), ``"rk2"`` (explicit midpoint, 2nd), ``"rk4"`` (4th).
       per_step: see ``theta``.
-      remat: ``"none"``, ``"block"``, ``"step"`` or ``"binomial"`` (see module docstring).
+      remat: ``"none"``, ``"block"``, ``"step"`` or ``"binomial"`` (see :data:`REMAT_MODES`).
       step_args: optional pytree with leaves of leading axis ``num_steps``, passed to ``f``
         as its third argument, slice ``n`` at step ``n``.
       has_aux: ``f`` returns ``(dz, aux)``; the result is then ``(z1, aux)`` with aux
@@ -369,13 +378,13 @@ def odeint_fixed(
     check_choice("solver", solver, SOLVERS)
     check_choice("remat", remat, REMAT_MODES)
     if per_step:
-        _leading_len(theta, "theta (per_step=True)", num_steps)
+        check_leading_axis(theta, "theta (per_step=True)", num_steps)
     if step_args is not None:
-        _leading_len(step_args, "step_args", num_steps)
+        check_leading_axis(step_args, "step_args", num_steps)
 
     def solve(z0, theta, step_args):
-        thetas = [_slice(theta, n) if per_step else theta for n in range(num_steps)]
-        args = None if step_args is None else [_slice(step_args, n) for n in range(num_steps)]
+        thetas = [tree_slice(theta, n) if per_step else theta for n in range(num_steps)]
+        args = None if step_args is None else [tree_slice(step_args, n) for n in range(num_steps)]
         z1, auxs = solve_steps(f, z0, thetas, args, solver=solver, remat=remat, has_aux=has_aux)
         return (z1, stack_aux(auxs)) if has_aux else z1
 
@@ -464,7 +473,7 @@ def odeint_diffrax(
     check_choice("solver", solver, SOLVERS)
     check_choice("adjoint", adjoint, ("backsolve", "checkpoint"))
     if step_args is not None:
-        _leading_len(step_args, "step_args", num_steps)
+        check_leading_axis(step_args, "step_args", num_steps)
         if solver != "euler":
             # an interior stage time (t_n + h/2, t_n + h) does not identify its step: rk4's last
             # stage coincides with the start of step n + 1

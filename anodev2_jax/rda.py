@@ -11,30 +11,6 @@ With constant coefficients the linear part has the exact Fourier-space solution 
     lam(k) = -d |k|^2 + i (k . v) + rho,          k = 2 pi fftfreq(n) on each spatial axis,
 
 and one step with the nonlinearity applies ``sigma`` after the exact linear step (Eq. B.4).
-
-Decisions (where the paper is silent):
-
-* **Nyquist mode of even sizes.** On an even grid the Nyquist wavenumber ``k = -pi`` has no
-  sign: a real field's Nyquist coefficient is real, and ``exp(i k v dt)`` would give it an
-  imaginary part that the inverse FFT cannot represent as a real kernel. We use the usual
-  spectral convention for odd derivatives and set the *advection* wavenumber of the Nyquist
-  bin to 0 (diffusion and reaction keep it). The discrete generator is then a real matrix,
-  the exact step is real for every size and the semigroup property ``step(dt)^2 ==
-  step(2 dt)`` holds exactly. The one consequence: on even sizes the Nyquist component is
-  not transported (a pure one-pixel shift is exact for odd sizes, and for even sizes on
-  fields without Nyquist content).
-* **Sign of advection.** ``+ v . grad(w)`` transports the field towards *negative* indices:
-  with ``v = (1, 0)`` and ``t = 1`` the result is ``roll(w, -1, axis=0)``.
-* **FFT or matrix.** The exact step is linear on the ``kh*kw`` grid, so
-  :func:`evolve_weights` applies it as the real matrix ``P = Re(F^-1 diag(exp(dt lam)) F)``
-  (:func:`propagator_matrix`), built once from the same symbol, whenever the coefficients
-  are per kernel or per filter: for 3x3 and 5x5 kernels one small matrix product per step
-  is about 10x faster than XLA's FFT on CPU (64x64x5x5, 5 steps: 13.5 ms -> 1.3 ms here,
-  ``benchmarks/core.py``). Coefficient arrays as large as ``(cin, cout)`` use the FFT
-  (:func:`apply_multiplier`). Both are the same exact solution; the tests check one
-  against the other.
-* **Coefficient dtype.** Coefficients are cast to the kernel's dtype, so a float32 kernel
-  evolves in complex64 and a float64 kernel in complex128.
 """
 
 from __future__ import annotations
@@ -54,6 +30,7 @@ __all__ = [
     "propagator_matrix",
     "apply_multiplier",
     "apply_matrix",
+    "align",
     "linear_step",
     "evolve_weights",
     "check_coeffs",
@@ -133,7 +110,17 @@ def wavenumbers(n: int, dtype=jnp.float32) -> tuple[Float[Array, " n"], Float[Ar
     """Angular wavenumbers ``k = 2 pi fftfreq(n)`` of a periodic unit grid of ``n`` points.
 
     Returns ``(k, k_adv)`` where ``k_adv`` equals ``k`` except that the Nyquist bin of an
-    even ``n`` is 0 (see the module docstring: odd derivatives have no Nyquist component).
+    even ``n`` is 0.
+
+    Why (the paper is silent): on an even grid the Nyquist wavenumber ``k = -pi`` has no
+    sign: a real field's Nyquist coefficient is real, and ``exp(i k v dt)`` would give it an
+    imaginary part that the inverse FFT cannot represent as a real kernel. We use the usual
+    spectral convention for odd derivatives and set the *advection* wavenumber of the
+    Nyquist bin to 0 (diffusion and reaction keep it). The discrete generator is then a
+    real matrix, the exact step is real for every size and the semigroup property
+    ``step(dt)^2 == step(2 dt)`` holds exactly. The one consequence: on even sizes the
+    Nyquist component is not transported (a pure one-pixel shift is exact for odd sizes,
+    and for even sizes on fields without Nyquist content).
     """
     k = 2.0 * np.pi * np.fft.fftfreq(n)
     k_adv = k.copy()
@@ -152,6 +139,11 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
 
     Returns:
       Complex array of shape ``(kh, kw) + S``.
+
+    Sign of advection: ``+ v . grad(w)`` transports the field towards *negative* indices:
+    with ``v = (1, 0)`` and ``t = 1`` the exact step is ``roll(w, -1, axis=0)``. The
+    coefficients are cast to the kernel's real ``dtype``, so a float32 kernel evolves in
+    complex64 and a float64 kernel in complex128.
     """
     kh, kw = spatial_shape
     k0, k0_adv = wavenumbers(kh, dtype)
@@ -176,7 +168,7 @@ def rda_multiplier(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dtype=
     return jnp.exp(lam * jnp.asarray(dt, dtype).astype(lam.dtype))
 
 
-def _align(m: Array, ndim: int) -> Array:
+def align(m: Array, ndim: int) -> Array:
     """Reshape a ``(kh, kw) + S`` multiplier to broadcast against a kernel of rank ``ndim``."""
     s = m.shape[2:]
     return m.reshape(m.shape[:2] + (1,) * (ndim - 2 - len(s)) + s)
@@ -189,7 +181,7 @@ def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."
     imaginary part is round-off and taking the real part is exact.
     """
     w_hat = jnp.fft.fft2(w, axes=(0, 1))
-    return jnp.real(jnp.fft.ifft2(_align(m, w.ndim) * w_hat, axes=(0, 1))).astype(w.dtype)
+    return jnp.real(jnp.fft.ifft2(align(m, w.ndim) * w_hat, axes=(0, 1))).astype(w.dtype)
 
 
 def _dft_matrix(n: int) -> np.ndarray:
@@ -215,6 +207,13 @@ def propagator_matrix(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dty
 
 
 def _use_matrix(kernel_shape: tuple[int, ...], coeff_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`evolve_weights` applies the exact step as the matrix ``P`` or by FFT.
+
+    Both are the same exact solution (the tests check one against the other). For 3x3 and
+    5x5 kernels one small matrix product per step is about 10x faster than XLA's FFT on CPU
+    (64x64x5x5, 5 steps: 13.5 ms -> 1.3 ms here, ``benchmarks/core.py``); coefficient arrays
+    as large as ``(cin, cout)`` use the FFT.
+    """
     # Building P costs K^3 per coefficient set and applying it K^2 per channel slice, against
     # O(K log K) for the FFT: worth it for kernel-sized grids (K <= 64, up to 8x8) unless there
     # are more coefficient sets than channel slices / K (e.g. (cin, cout) arrays).

@@ -326,7 +326,7 @@ def kernels_figure(
       The figure: ``filters`` rows x ``steps_w + 1`` columns, size
       ``(120 * columns + 140, 120 * rows + 130)`` pixels.
     """
-    from anodev2_jax.coupled import trajectory_indices
+    from anodev2_jax.trajectory import trajectory_indices
 
     config = _resolved(method, knobs or {})
     if not config.evolve:

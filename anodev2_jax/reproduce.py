@@ -54,6 +54,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from anodev2_jax.paper import METHOD_TITLES, METHODS, MODEL_TITLES, MODELS, PAPER_ACCURACY, PAPER_PARAMS, PAPER_SEEDS
+
 __all__ = [
     "MODELS",
     "METHODS",
@@ -73,20 +75,6 @@ __all__ = [
     "report",
     "main",
 ]
-
-# The same names and order as anodev2_jax.models (kept here so aggregation needs no JAX;
-# tests check they agree).
-MODELS = ("alexnet", "resnet4", "resnet10")
-METHODS = ("baseline", "neural_ode", "anode", "anodev2_conf1", "anodev2_conf2")
-
-MODEL_TITLES = {"alexnet": "AlexNet", "resnet4": "ResNet-4", "resnet10": "ResNet-10"}
-METHOD_TITLES = {
-    "baseline": "Baseline",
-    "neural_ode": "NeuralODE [8]",
-    "anode": "ANODE [9]",
-    "anodev2_conf1": "ANODEV2 conf. 1",
-    "anodev2_conf2": "ANODEV2 conf. 2",
-}
 
 # Rows of each table, and the rows whose difference the table reports.
 TABLES: dict[int, dict[str, Any]] = {
@@ -112,54 +100,19 @@ TABLES: dict[int, dict[str, Any]] = {
     ),
 }
 
-# Test accuracy of the paper in percent, (min, max, avg) over five runs (Tables 1, 2, 4).
-PAPER_ACCURACY: dict[str, dict[str, tuple[float, float, float]]] = {
-    "alexnet": {
-        "baseline": (86.84, 87.15, 87.03),
-        "neural_ode": (74.54, 76.78, 75.67),
-        "anode": (87.86, 88.14, 88.02),
-        "anodev2_conf1": (88.59, 88.96, 88.78),
-        "anodev2_conf2": (88.10, 88.33, 88.26),
-    },
-    "resnet4": {
-        "baseline": (76.47, 77.35, 76.95),
-        "neural_ode": (44.73, 49.91, 47.37),
-        "anode": (76.92, 77.45, 77.30),
-        "anodev2_conf1": (77.27, 78.58, 78.11),
-        "anodev2_conf2": (77.23, 78.28, 77.73),
-    },
-    "resnet10": {
-        "baseline": (87.79, 88.52, 88.10),
-        "neural_ode": (64.70, 70.06, 67.94),
-        "anode": (88.48, 88.75, 88.60),
-        "anodev2_conf1": (88.67, 89.39, 89.04),
-        "anodev2_conf2": (88.65, 89.19, 88.93),
-    },
-}
-
-# Table 3 of the paper as printed (thousands of parameters).
-PAPER_PARAMS: dict[str, dict[str, str]] = {
-    "baseline": {"alexnet": "1756.68K", "resnet4": "7.71K", "resnet10": "44.19K"},
-    "neural_ode": {"alexnet": "1757.13K", "resnet4": "7.96K", "resnet10": "44.95K"},
-    "anode": {"alexnet": "1757.13K", "resnet4": "7.96K", "resnet10": "44.95K"},
-    "anodev2_conf1": {"alexnet": "1757.51K", "resnet4": "8.23K", "resnet10": "45.77K"},
-    "anodev2_conf2": {"alexnet": "1757.13K", "resnet4": "7.99K", "resnet10": "45.05K"},
-}
-
-PAPER_SEEDS = 5
 SUMMARY_FILE = "summary.json"
 
 
 def _ignored_fields() -> set[str]:
     """Config fields a finished run may differ in and still count as "the same run".
 
-    The fields a restart may change (``training.RESUMABLE_FIELDS``: where the data lives,
+    The fields a restart may change (``run_config.RESUMABLE_FIELDS``: where the data lives,
     how often to log / evaluate / checkpoint, multi-host start-up...) except ``num_epochs``,
     which changes what the finished run is.
     """
-    from anodev2_jax import training  # lazy: --help and --report-only stay light
+    from anodev2_jax import run_config  # lazy: --help and --report-only stay light (no optax, no orbax)
 
-    return set(training.RESUMABLE_FIELDS) - {"num_epochs"}
+    return set(run_config.RESUMABLE_FIELDS) - {"num_epochs"}
 
 
 Stats = tuple[float, float, float]
@@ -529,7 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = methods_for(tables)
 
     from anodev2_jax import data as data_lib
-    from anodev2_jax import training
+    from anodev2_jax import steps, training
 
     try:
         # Every config is built and validated before anything trains.
@@ -538,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for method in methods:
                 config = make_config(model, method, overrides)
                 training.validate_config(config)
-                training.create_model(config)
+                steps.create_model(config)
                 runs.append((model, method, config, run_dir(root, model, method)))
         knobs = _knob_overrides(runs[0][2])
         if not args.report_only:

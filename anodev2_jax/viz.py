@@ -221,7 +221,7 @@ def kernel_trajectory(module: Mapping[str, Any], config, seed_index: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from anodev2_jax.models import rda_coeffs
+    from anodev2_jax.layers import rda_coeffs
     from anodev2_jax.rda import evolve_weights
 
     parts = {k: np.asarray(module[k]) for k in ("kernel", "rda_d_raw", "rda_v", "rda_rho")}
@@ -262,43 +262,32 @@ def init_params(model: str, method: str, seed: int = 0, **knobs) -> dict:
     return jax.tree.map(np.asarray, variables["params"])
 
 
-def _checkpoint_dir(workdir: Path) -> Path:
-    for d in (workdir / "checkpoints", workdir):
-        if d.is_dir() and any(p.name.isdigit() for p in d.iterdir()):
-            return d
-    raise ValueError(
-        f"no orbax checkpoint under {workdir} (looked for {workdir}/checkpoints/<step>/ and {workdir}/<step>/); "
-        "pass a training run directory, or use --model M --method X --init"
-    )
-
-
 def load_checkpoint_params(workdir: str | Path, step: Optional[int] = None) -> tuple[dict, int]:
     """The params subtree of the checkpoint ``step`` (default: latest) under ``workdir``.
 
-    Restores the raw pytree with orbax (``CheckpointManager`` + ``StandardRestore``, no
+    Restores the raw pytree with orbax (:func:`anodev2_jax.checkpoints.restore_raw`, no
     target); see the module docstring for the layouts accepted. Returns ``(params, step)``.
     """
     import jax
-    import orbax.checkpoint as ocp
 
-    ckpt_dir = _checkpoint_dir(Path(workdir)).absolute()
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise ValueError(f"{ckpt_dir} holds no finished checkpoint; pass a run directory with one")
-        if step is None:
-            step = manager.latest_step()
-        elif step not in steps:
-            raise ValueError(f"{ckpt_dir} has no checkpoint {step}; available: {', '.join(map(str, sorted(steps)))}")
-        tree = manager.restore(step, args=ocp.args.StandardRestore())
+    from anodev2_jax import checkpoints
+
+    workdir = Path(workdir)
+    ckpt_dir = checkpoints.find_checkpoint_dir(workdir)
+    if ckpt_dir is None:
+        raise ValueError(
+            f"no orbax checkpoint under {workdir} (looked for {workdir}/checkpoints/<step>/ and {workdir}/<step>/); "
+            "pass a training run directory, or use --model M --method X --init"
+        )
+    tree, step = checkpoints.restore_raw(ckpt_dir, step)
     params = tree["params"] if isinstance(tree, Mapping) and "params" in tree else tree
     if not isinstance(params, Mapping):
-        raise ValueError(f"checkpoint {ckpt_dir}/{step} is not a dict of params (got {type(params).__name__})")
+        raise ValueError(f"checkpoint {ckpt_dir.absolute()}/{step} is not a dict of params (got {type(params).__name__})")
     return jax.tree.map(np.asarray, dict(params)), int(step)
 
 
 def _resolved(method: str, knobs: Mapping[str, Any]):
-    from anodev2_jax.models import KNOBS, resolve_config
+    from anodev2_jax.methods import KNOBS, resolve_config
 
     return resolve_config(method, **{k: knobs.get(k) for k in KNOBS if knobs.get(k) is not None})
 
@@ -463,13 +452,13 @@ def curves_figure(run_dirs: Sequence[str | Path], labels: Optional[Sequence[str]
 
 
 def _knobs_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from anodev2_jax.models import KNOBS
+    from anodev2_jax.methods import KNOBS
 
     return {k: cfg.get(k) for k in KNOBS if cfg.get(k) is not None and k != "dtype"}
 
 
 def _kernels_command(args) -> tuple[Any, str]:
-    from anodev2_jax.models import METHODS, MODELS
+    from anodev2_jax.methods import METHODS, MODELS
 
     if args.init == (args.workdir is not None):
         raise ValueError("kernels: give either --workdir W (a trained run) or --model M --method X --init")

@@ -14,7 +14,7 @@ what :mod:`anodev2_jax.models` runs on CPU.
   chunking measured).
 * input gradient: autodiff's transposed convolution (used).
 * kernel gradient: autodiff's (XLA lowers it to a convolution with a 3x3 output over a
-  32x32 window); ``models._kernel_grad`` (used: shifted copies times cotangents, a few
+  32x32 window); ``kernels.kernel_grad`` (used: shifted copies times cotangents, a few
   images per ``lax.scan`` step so the working set stays in cache); the same product over
   the whole batch at once (no chunking).
 * BatchNorm+ReLU: forward (used); backward, autodiff's vs the closed form (used).
@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from anodev2_jax import models  # noqa: E402
+from anodev2_jax import kernels  # noqa: E402
 
 H = W = 32
 C = 16
@@ -54,7 +54,7 @@ PAD = ((1, 1), (1, 1))
 
 
 def xla_conv(x, k):
-    return models._lax_conv(x, k, (1, 1), PAD)
+    return kernels.lax_conv(x, k, (1, 1), PAD)
 
 
 def im2col_conv(x, k):
@@ -100,20 +100,20 @@ def autodiff_kernel_grad(x, g, k):
 
 
 def input_grad(g, k):
-    return models._conv_input_grad(g, k, (1, 1), PAD, g.shape[:3] + (k.shape[2],))
+    return kernels.conv_input_grad(g, k, (1, 1), PAD, g.shape[:3] + (k.shape[2],))
 
 
 def ours_kernel_grad(x, g, chunk_bytes):
-    old = models._CHUNK_BYTES
-    models._CHUNK_BYTES = chunk_bytes  # read at trace time
+    old = kernels.CHUNK_BYTES
+    kernels.CHUNK_BYTES = chunk_bytes  # read at trace time
     try:
-        return models._kernel_grad(x, g, (3, 3), (1, 1), PAD)
+        return kernels.kernel_grad(x, g, (3, 3), (1, 1), PAD)
     finally:
-        models._CHUNK_BYTES = old
+        kernels.CHUNK_BYTES = old
 
 
 def bn_relu_forward(y, scale, shift):
-    return models._bn_relu_forward(y, scale, shift)[0]
+    return kernels.bn_relu_forward(y, scale, shift)[0]
 
 
 def bn_relu_backward_autodiff(y, scale, shift, g):
@@ -121,9 +121,9 @@ def bn_relu_backward_autodiff(y, scale, shift, g):
 
 
 def bn_relu_backward_ours(y, scale, shift, g):
-    _, mean, var = models._bn_relu_forward(y, scale, shift)
+    _, mean, var = kernels.bn_relu_forward(y, scale, shift)
     zero = jnp.zeros_like(mean)
-    return models._bn_relu_bwd(y, scale, shift, mean, var, g, zero, zero)[0]
+    return kernels.bn_relu_bwd(y, scale, shift, mean, var, g, zero, zero)[0]
 
 
 def torch_rows(x, k, g, threads: int):
@@ -193,8 +193,8 @@ def main(argv=None) -> None:
         ("forward", "Winograd F(2x2,3x3) in jnp, 4 images/chunk"): (winograd_conv, (x, k)),
         ("input gradient", "autodiff: XLA transposed convolution (used)"): (input_grad, (g, k)),
         ("kernel gradient", "autodiff: XLA convolution, 3x3 output"): (autodiff_kernel_grad, (x, g, k)),
-        ("kernel gradient", "models._kernel_grad, 2 MiB chunks (used)"): (
-            functools.partial(ours_kernel_grad, chunk_bytes=models._CHUNK_BYTES), (x, g)),
+        ("kernel gradient", "kernels.kernel_grad, 2 MiB chunks (used)"): (
+            functools.partial(ours_kernel_grad, chunk_bytes=kernels.CHUNK_BYTES), (x, g)),
         ("kernel gradient", "the same product, whole batch at once"): (
             functools.partial(ours_kernel_grad, chunk_bytes=1 << 40), (x, g)),
         ("BatchNorm+ReLU forward", "batch moments, normalize, ReLU (used)"): (bn_relu_forward, (g, scale, shift)),

@@ -16,7 +16,7 @@ batch 256 (Appendix C). Paper target: Table 1, ResNet-4 configuration 1, 78.11% 
 test accuracy (``configs/resnet4.py`` lists the other rows).
 
 ODE knobs (``steps_z`` ... ``norm``) default to ``None``, which means "the method's
-default" (``anodev2_jax.models.method_defaults``): e.g. configuration 1 is
+default" (``anodev2_jax.methods.method_defaults``): e.g. configuration 1 is
 ``steps_z = steps_w = 5, schedule="aligned"``, configuration 2 ``steps_z = 2,
 steps_w = 10, schedule="endpoints"``, ANODE and Neural ODE ``steps_z = 2``.
 """
@@ -58,7 +58,7 @@ def get_config(arg=None):
     config.lr_decay_factor = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
-    config.decay_rda_coeffs = False  # weight decay on the RDA coefficients (rda_*): see training.py
+    config.decay_rda_coeffs = False  # weight decay on the RDA coefficients (rda_*): see anodev2_jax/optim.py
 
     # --- seeds: num_seeds replicas (seeds seed, seed+1, ...) trained in one vmapped program
     config.seed = 0

@@ -81,7 +81,7 @@ def test_torch_peer_quick(outputs):
 
 @pytest.mark.slow
 def test_conv_kernels_quick(outputs):
-    must = ["XLA convolution (used)", "Winograd", "models._kernel_grad", "closed form, two passes (used)"]
+    must = ["XLA convolution (used)", "Winograd", "kernels.kernel_grad", "closed form, two passes (used)"]
     if _has("torch"):
         must.append("PyTorch convolution_backward, channels_last")
     _check(outputs, "conv_kernels", must)

@@ -1,7 +1,7 @@
 """The models' hand-written reverse-mode rules against autodiff of the plain computation (float64).
 
-``models.conv2d``, ``models.conv_bn_relu_chain`` and ``models.max_pool_blocks`` replace
-autodiff's backward pass with faster ones on XLA:CPU (see ``anodev2_jax/models.py``). Their
+``kernels.conv2d``, ``kernels.conv_bn_relu_chain`` and ``kernels.max_pool_blocks`` replace
+autodiff's backward pass with faster ones on XLA:CPU (see ``anodev2_jax/kernels.py``). Their
 forward passes are the plain lax computations; here each backward pass is compared with
 ``jax.vjp`` of the plain computation on random inputs and cotangents. Both compute the same
 derivative with a different summation order, so in float64 they agree to round-off: the
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anodev2_jax import models
+from anodev2_jax import kernels
 from helpers import max_rel_err
 
 RTOL = 1e-12
@@ -53,14 +53,16 @@ CONV_CASES = {
 def test_conv2d_matches_autodiff(case, chunked, monkeypatch):
     hwc, kernel_hw, strides, padding = CONV_CASES[case]
     if chunked:  # force the lax.scan over image chunks in the kernel gradient
-        monkeypatch.setattr(models, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
     kx, kw = jax.random.split(jax.random.PRNGKey(1))
     x = jax.random.normal(kx, (4,) + hwc, jnp.float64)
     w = jax.random.normal(kw, kernel_hw + (hwc[-1], 5), jnp.float64)
-    fast = lambda x, w: models.conv2d(x, w, strides, padding)  # noqa: E731
+    fast = lambda x, w: kernels.conv2d(x, w, strides, padding)  # noqa: E731
     plain = lambda x, w: _plain_conv(x, w, strides, padding)  # noqa: E731
     out_fast, out_plain, (dx, dw), (dx_ref, dw_ref) = _vjps(jax.jit(fast), plain, (x, w))
     np.testing.assert_array_equal(out_fast, out_plain)  # the forward pass is the same lax call
+    kernel_grad = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(fast(x, w)), argnums=1))(x, w)
+    assert ("scan" in str(kernel_grad)) == (chunked and (max(strides) == 1 or max(kernel_hw) == 1))  # chunked path taken
     assert max_rel_err(dx, dx_ref) < RTOL
     assert max_rel_err(dw, dw_ref) < RTOL
 
@@ -75,7 +77,7 @@ def test_conv2d_under_vmap_and_float32():
     def loss(conv, x, w):
         return jnp.sum(jnp.sin(conv(x, w, (1, 1), pad)))
 
-    g_fast = jax.vmap(jax.grad(functools.partial(loss, models.conv2d), argnums=1))(x, w)
+    g_fast = jax.vmap(jax.grad(functools.partial(loss, kernels.conv2d), argnums=1))(x, w)
     g_ref = jax.vmap(jax.grad(functools.partial(loss, _plain_conv), argnums=1))(x, w)
     assert g_fast.dtype == jnp.float32
     assert max_rel_err(g_fast, g_ref) < 1e-5  # float32: summation order alone moves ~1e-6
@@ -89,7 +91,7 @@ def _plain_chain(z, layers, paddings):
             y = y + layer["bias"].reshape(1, 1, 1, -1)
         mean = jnp.mean(y, axis=(0, 1, 2))
         var = jnp.mean(jnp.square(y - mean.reshape(1, 1, 1, -1)), axis=(0, 1, 2))
-        yhat = (y - mean.reshape(1, 1, 1, -1)) * jax.lax.rsqrt(var + models.BN_EPS).reshape(1, 1, 1, -1)
+        yhat = (y - mean.reshape(1, 1, 1, -1)) * jax.lax.rsqrt(var + kernels.BN_EPS).reshape(1, 1, 1, -1)
         h = jax.nn.relu(yhat * layer["scale"].reshape(1, 1, 1, -1) + layer["shift"].reshape(1, 1, 1, -1))
         moments.append((mean, var))
     return h, tuple(moments)
@@ -100,7 +102,7 @@ def _plain_chain(z, layers, paddings):
 def test_conv_bn_relu_chain_matches_autodiff(with_bias, chunked, monkeypatch):
     """Values, moments and every gradient (input, kernels, biases, BN scale/shift), moment cotangents included."""
     if chunked:
-        monkeypatch.setattr(models, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)
     keys = jax.random.split(jax.random.PRNGKey(3), 8)
     c = 6
     z = jax.random.normal(keys[0], (4, 6, 6, c), jnp.float64)
@@ -116,8 +118,10 @@ def test_conv_bn_relu_chain_matches_autodiff(with_bias, chunked, monkeypatch):
         layers.append(layer)
     layers = tuple(layers) if chunked else layers  # a list or a tuple: the gradient comes back in the same container
     paddings = (((1, 1), (1, 1)), ((0, 0), (0, 0)))
-    fast = lambda z, layers: models.conv_bn_relu_chain(z, layers, paddings)  # noqa: E731
+    fast = lambda z, layers: kernels.conv_bn_relu_chain(z, layers, paddings)  # noqa: E731
     plain = lambda z, layers: _plain_chain(z, layers, paddings)  # noqa: E731
+    backward = jax.make_jaxpr(jax.grad(lambda z, layers: jnp.sum(fast(z, layers)[0])))(z, layers)
+    assert ("scan" in str(backward)) == chunked  # the chunked kernel gradient takes the lax.scan path
     out_fast, out_plain, g_fast, g_ref = _vjps(jax.jit(fast), plain, (z, layers), seed=4)
     assert max_rel_err(out_fast, out_plain) < RTOL
     assert jax.tree_util.tree_structure(g_fast) == jax.tree_util.tree_structure(g_ref)
@@ -141,7 +145,7 @@ def test_max_pool_blocks_matches_flax(ties):
     if ties:
         x = jnp.round(2 * x).clip(-1, 1)  # values in {-1, 0, 1}: most 4x4 blocks tie
     out_fast, out_plain, (dx,), (dx_ref,) = _vjps(
-        lambda x: models.max_pool_blocks(x, 4), lambda x: _flax_pool(x, 4), (x,), seed=6
+        lambda x: kernels.max_pool_blocks(x, 4), lambda x: _flax_pool(x, 4), (x,), seed=6
     )
     np.testing.assert_array_equal(out_fast, out_plain)
     np.testing.assert_array_equal(dx, dx_ref)
@@ -149,4 +153,4 @@ def test_max_pool_blocks_matches_flax(ties):
 
 def test_max_pool_blocks_rejects_ragged_input():
     with pytest.raises(ValueError, match="not a multiple of window=8"):
-        models.max_pool_blocks(jnp.zeros((1, 12, 12, 2)), 8)
+        kernels.max_pool_blocks(jnp.zeros((1, 12, 12, 2)), 8)

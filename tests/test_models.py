@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anodev2_jax import models
+from anodev2_jax import layers, models
 from anodev2_jax.rda import check_coeffs
-from anodev2_jax.models import METHODS, MODELS, count_params, get_model, method_defaults
+from anodev2_jax.methods import METHODS, MODELS, method_defaults
+from anodev2_jax.models import count_params, get_model
 from helpers import max_rel_err, tree_allclose
 
 TABLE3_BASELINE = {"resnet4": 7_706, "resnet10": 44_186, "alexnet": 1_756_682}
@@ -145,7 +146,7 @@ def test_init_values():
     variables = model.init(jax.random.key(0, impl="unsafe_rbg"), _images(n=1, hw=8))
     block = variables["params"]["layer1_1"]
     assert block["conv1"]["kernel"].shape == (3, 3, 16, 16)
-    np.testing.assert_allclose(jax.nn.softplus(block["conv1"]["rda_d_raw"]), models.D_INIT, rtol=1e-5)
+    np.testing.assert_allclose(jax.nn.softplus(block["conv1"]["rda_d_raw"]), layers.D_INIT, rtol=1e-5)
     assert np.all(block["conv2"]["rda_v"] == 0) and np.all(block["conv2"]["rda_rho"] == 0)
     assert np.all(block["bn1"]["scale"] == 1) and block["bn1"]["scale"].shape == (5, 16)
     stats = variables["batch_stats"]["layer1_1"]["bn2"]
@@ -263,7 +264,7 @@ def test_anodev2_conf2_gradients_finite():
 
 def test_diffusion_nonnegative():
     d_raw = jnp.asarray([-1e4, -100.0, -1.0, 0.0, 30.0], jnp.float32)
-    coeffs = models.rda_coeffs(d_raw, jnp.zeros((5, 2), jnp.float32), jnp.zeros(5, jnp.float32))
+    coeffs = layers.rda_coeffs(d_raw, jnp.zeros((5, 2), jnp.float32), jnp.zeros(5, jnp.float32))
     assert np.all(coeffs.d >= 0) and coeffs.d.dtype == jnp.float32
     check_coeffs(coeffs, (3, 3, 4, 5))  # the core's validator rejects any concrete d < 0
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from anodev2_jax import models, reproduce
+from anodev2_jax import methods, models, paper, reproduce
 
 
 def write_summary(root, model, method, accs, num_params=1234, config=None, epochs=3):
@@ -50,12 +50,12 @@ def table_rows(text):
 
 
 def test_names_and_table3_agree_with_models():
-    assert reproduce.MODELS == models.MODELS
-    assert reproduce.METHODS == models.METHODS
-    assert reproduce.PAPER_PARAMS == models.PAPER_TABLE3
-    assert set(reproduce.PAPER_ACCURACY) == set(models.MODELS)
-    for model in models.MODELS:
-        assert set(reproduce.PAPER_ACCURACY[model]) == set(models.METHODS)
+    assert reproduce.MODELS == methods.MODELS
+    assert reproduce.METHODS == methods.METHODS
+    assert reproduce.PAPER_PARAMS == paper.PAPER_PARAMS  # the one Table 3, also printed by models.main
+    assert set(reproduce.PAPER_ACCURACY) == set(methods.MODELS)
+    for model in methods.MODELS:
+        assert set(reproduce.PAPER_ACCURACY[model]) == set(methods.METHODS)
         for lo, hi, avg in reproduce.PAPER_ACCURACY[model].values():
             assert lo <= avg <= hi
 
@@ -66,7 +66,7 @@ def test_paper_improvements_match_the_papers_imp_rows():
     imp = [round(p["alexnet"]["anodev2_conf1"][i] - p["alexnet"]["baseline"][i], 2) for i in range(3)]
     assert imp == [1.75, 1.81, 1.75]
     # Table 4: ANODEV2 conf. 2 over ANODE, avg: 0.24%, 0.43%, 0.33%
-    gains = [round(p[m]["anodev2_conf2"][2] - p[m]["anode"][2], 2) for m in models.MODELS]
+    gains = [round(p[m]["anodev2_conf2"][2] - p[m]["anode"][2], 2) for m in methods.MODELS]
     assert gains == [0.24, 0.43, 0.33]
 
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from anodev2_jax import RDACoeffs, evolve_weights, viz
-from anodev2_jax.models import get_model, rda_coeffs, resolve_config
+from anodev2_jax.layers import rda_coeffs
+from anodev2_jax.methods import resolve_config
+from anodev2_jax.models import get_model
 
 
 def read_png(path, size):

@@ -1,0 +1,340 @@
+"""The Flax (linen) building blocks of the models: the ODE function, BatchNorm holders, ODE blocks.
+
+An :class:`ODEBlock` is a shape-preserving residual block solved as an ODE (Eq. 2.3b): it
+declares the conv kernels (``theta``, evolved by Eq. 2.6 / B.4 for ``anodev2_*``), their RDA
+coefficients and the per-step BatchNorm parameters, and hands them to
+:func:`anodev2_jax.coupled_block` (or :func:`anodev2_jax.odeint_diffrax` for the Neural ODE)
+with the pure :func:`ode_function` ``f(z) = relu(bn2(conv2(relu(bn1(conv1(z))))))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from anodev2_jax import kernels, ode
+from anodev2_jax.coupled import coupled_block
+from anodev2_jax.methods import ODEConfig
+from anodev2_jax.rda import RDACoeffs
+
+__all__ = [
+    "D_INIT",
+    "D_RAW_INIT",
+    "he_normal",
+    "batch_norm",
+    "layer_names",
+    "ode_function",
+    "rda_coeffs",
+    "Conv",
+    "ConvParams",
+    "StepBatchNorm",
+    "ODEBlock",
+    "DownsampleBlock",
+    "flax_batch_norm",
+]
+
+# RDA coefficients start near the identity evolution: v = rho = 0, d = 1e-3 (softplus has no
+# exact zero). With tanh as sigma this is not exactly the identity: measured on He-initialized
+# 3x3x16x16 kernels (std ~0.12), the first step changes them by about 2% RMS (6% at the largest
+# entry), almost all of it from tanh itself (the linear part: 0.13%); 5x5x64x64 kernels (std
+# ~0.035) change far less.
+D_INIT = 1e-3
+D_RAW_INIT = math.log(math.expm1(D_INIT))
+
+def _conv(x, kernel, bias=None):
+    """Stride-1 "SAME" convolution of the ODE function (:func:`conv2d`), plus an optional bias."""
+    y = kernels.conv2d(x, kernel, (1, 1), kernels.same_padding(kernel.shape[:2]))
+    if bias is not None:
+        y = y + bias.reshape((1, 1, 1, -1))
+    return y
+
+
+def batch_norm(x, p, train: bool):
+    """BatchNorm over axes (0, 1, 2): batch moments (biased variance) in train mode, ``p``'s running ones otherwise."""
+    if train:
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean.reshape((1, 1, 1, -1))), axis=(0, 1, 2))
+    else:
+        mean, var = p["mean"], p["var"]
+    inv = jax.lax.rsqrt(var + kernels.BN_EPS) * p["scale"]
+    y = (x - mean.reshape((1, 1, 1, -1))) * inv.reshape((1, 1, 1, -1)) + p["bias"].reshape((1, 1, 1, -1))
+    return y, {"mean": mean, "var": var}
+
+
+def layer_names(num_convs: int) -> list[tuple[str, str]]:
+    if num_convs == 1:
+        return [("conv", "bn")]
+    return [(f"conv{i}", f"bn{i}") for i in range(1, num_convs + 1)]
+
+
+def ode_function(
+    z: Float[Array, "n h w c"], theta: dict, args: dict, *, num_convs: int, train: bool, with_aux: bool
+) -> Float[Array, "n h w c"] | tuple[Float[Array, "n h w c"], dict]:
+    """The ODE function of a block: ``relu(bn_k(conv_k(... relu(bn_1(conv_1(z))))))``.
+
+    ANODE's residual-block function for ``num_convs=2`` (ResNets) and AlexNet's
+    ``relu(bn(conv(z) + b))`` for ``num_convs=1``. Pure: everything comes in as arrays.
+
+    Args:
+      z: activations, NHWC.
+      theta: ``{"conv1": {"kernel": (kh, kw, C, C)[, "bias": (C,)]}, ...}`` (names
+        ``"conv"``/``"bn"`` when ``num_convs=1``); the weights of this step.
+      args: ``{"bn1": {"scale", "bias"[, "mean", "var"]}, ...}``, each ``(C,)``: this step's
+        BN parameters (and running statistics, used when ``train`` is False).
+      train: normalize with batch statistics (True) or ``args``'s running ones.
+      with_aux: also return ``{"bn1": {"mean", "var"}, ...}``, the moments used.
+
+    Returns:
+      ``dz`` (the shape and dtype of ``z``), or ``(dz, aux)``.
+
+    Why pure: the solver wraps ``f`` in remat and ``jax.custom_vjp`` transforms, and
+    ``adjoint="discrete"`` needs an ``f`` that closes over no traced value, so ``f`` is a
+    function of explicit arrays (``lax`` convolutions and a written-out batch norm), not of
+    Flax submodules. :class:`ODEBlock` declares the parameters and running statistics and
+    passes them in: conv kernels as ``theta`` (evolved), BN parameters and (in eval mode)
+    running statistics as per-step ``step_args``.
+    """
+    names = layer_names(num_convs)
+    if train:  # one custom-VJP chain (fast backward pass on CPU, fewer saved activations)
+        layers = tuple(
+            {**theta[conv], "scale": args[bn]["scale"], "shift": args[bn]["bias"]} for conv, bn in names
+        )
+        paddings = tuple(kernels.same_padding(theta[conv]["kernel"].shape[:2]) for conv, _ in names)
+        h, moments = kernels.conv_bn_relu_chain(z, layers, paddings)
+        aux = {bn: {"mean": m, "var": v} for (_, bn), (m, v) in zip(names, moments)}
+        return (h, aux) if with_aux else h
+    h, aux = z, {}
+    for conv_name, bn_name in names:
+        h = _conv(h, theta[conv_name]["kernel"], theta[conv_name].get("bias"))
+        h, aux[bn_name] = batch_norm(h, args[bn_name], train)
+        h = jax.nn.relu(h)
+    return (h, aux) if with_aux else h
+
+
+def rda_coeffs(d_raw, v, rho) -> RDACoeffs:
+    """RDA coefficients from the learnable params: ``d = softplus(d_raw) >= 0`` (always, by construction).
+
+    The models learn ``rda_d_raw``, ``rda_v``, ``rda_rho`` next to each evolved kernel;
+    backward diffusion is ill-posed, so ``d`` is non-negative by construction.
+    """
+    return RDACoeffs(jax.nn.softplus(d_raw), v, rho)
+
+
+# Convolutions: He/Kaiming normal, fan_out mode, untruncated (PyTorch ResNets'
+# kaiming_normal_(mode="fan_out", nonlinearity="relu")); conv biases zero; Dense layers Flax
+# defaults (LeCun normal kernel, zero bias); BN scale 1, shift 0, running mean 0, variance 1.
+he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nn.Module):
+    """``nn.Conv`` (NHWC, HWIO kernel, same parameter names, shapes and initializers) computed by :func:`conv2d`."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"  # "SAME", "VALID" or ((lo, hi), (lo, hi))
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
+        kernel = self.param("kernel", he_normal, shape, self.dtype)
+        padding = self.padding
+        if isinstance(padding, str):
+            padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, self.strides, padding)
+        y = kernels.conv2d(x, kernel, tuple(self.strides), tuple(tuple(p) for p in padding))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).reshape((1, 1, 1, -1))
+        return y
+
+
+class ConvParams(nn.Module):
+    """Declares one ODE-block conv kernel (HWIO), its optional bias and its RDA coefficients."""
+
+    features: int
+    kernel_size: int
+    use_bias: bool
+    config: ODEConfig
+
+    @nn.compact
+    def __call__(self, features_in: int):
+        cfg, dtype = self.config, self.config.jnp_dtype
+        k = self.kernel_size
+        params = {"kernel": self.param("kernel", he_normal, (k, k, features_in, self.features), dtype)}
+        if self.use_bias:
+            params["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), dtype)
+        coeffs = None
+        if cfg.evolve:
+            shape = () if cfg.coeff_granularity == "kernel" else (self.features,)
+            d_raw = self.param("rda_d_raw", nn.initializers.constant(D_RAW_INIT), shape, dtype)
+            v = self.param("rda_v", nn.initializers.zeros, shape + (2,), dtype)
+            rho = self.param("rda_rho", nn.initializers.zeros, shape, dtype)
+            coeffs = {"kernel": rda_coeffs(d_raw, v, rho), **({"bias": None} if self.use_bias else {})}
+        return params, coeffs
+
+
+class StepBatchNorm(nn.Module):
+    """BN parameters and running statistics of an ODE block: per step ``(steps, C)`` or shared ``(C,)``.
+
+    ``shared=False`` (``norm="per_step"``, the default): activation step ``n`` has its own
+    scale/shift and running mean and variance; in train mode each step normalizes with its
+    batch statistics and, after the block, step ``n``'s running statistics move towards step
+    ``n``'s batch statistics. ``shared=True`` (``norm="shared"``): one BN reused by every
+    step, as ANODE's code does; in train mode its running statistics are updated once per
+    step, in step order (exactly like calling one PyTorch/Flax BN module ``steps`` times), so
+    they end up a mixture of all steps' statistics, weighted towards the last: eval-mode
+    outputs then differ from train-mode ones (DESIGN.md says why per-step is the default).
+    Update rule (Flax's): ``ra = momentum * ra + (1 - momentum) * batch_stat``, with the
+    *biased* batch variance (PyTorch would store the unbiased one); ``eps = 1e-5``. With
+    ``rk2``/``rk4`` every stage normalizes with its own batch statistics but the running
+    statistics record each step's first stage (the one evaluated at the step's start).
+    """
+
+    features: int
+    steps: int
+    shared: bool
+    momentum: float
+    dtype: Any
+
+    def setup(self):
+        shape = (self.features,) if self.shared else (self.steps, self.features)
+        self.scale = self.param("scale", nn.initializers.ones, shape, self.dtype)
+        self.bias = self.param("bias", nn.initializers.zeros, shape, self.dtype)
+        self.mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, self.dtype))
+        self.var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, self.dtype))
+
+    def __call__(self, train: bool):
+        """This BN's ``step_args``: ``{"scale", "bias"[, "mean", "var"]}``, leading axis ``steps``."""
+        p = {"scale": self.scale, "bias": self.bias}
+        if not train:
+            p["mean"] = jax.lax.stop_gradient(self.mean.value)
+            p["var"] = jax.lax.stop_gradient(self.var.value)
+        if self.shared:  # broadcasting sums the per-step gradients back to the one shared set
+            p = {name: jnp.broadcast_to(a, (self.steps,) + a.shape) for name, a in p.items()}
+        return p
+
+    def update(self, batch_mean, batch_var):
+        """Move the running statistics towards the per-step batch moments ``(steps, C)``."""
+        m = self.momentum
+        batch_mean, batch_var = jax.lax.stop_gradient(batch_mean), jax.lax.stop_gradient(batch_var)
+        mean, var = self.mean.value, self.var.value
+        if self.shared:  # one update per step, in step order (one BN called steps times)
+            for n in range(self.steps):
+                mean = m * mean + (1.0 - m) * batch_mean[n]
+                var = m * var + (1.0 - m) * batch_var[n]
+        else:
+            mean = m * mean + (1.0 - m) * batch_mean
+            var = m * var + (1.0 - m) * batch_var
+        self.mean.value, self.var.value = mean, var
+
+
+class ODEBlock(nn.Module):
+    """A shape-preserving residual block solved as an ODE: ``z(1)`` of ``dz/dt = f(z, theta(t))``.
+
+    ``f`` is :func:`ode_function` with ``num_convs`` convs (2: ResNet, 1: AlexNet). The
+    method in ``config`` picks the solve: :func:`anodev2_jax.coupled_block` (RDA-evolved
+    kernels for ``anodev2_*``, static ones otherwise; DTO gradients, hand-written Eq. 2.5
+    adjoint with ``adjoint="discrete"``) or :func:`anodev2_jax.odeint_diffrax` with the
+    continuous adjoint (``adjoint="backsolve"``).
+
+    Params: ``conv1/kernel`` ``(k, k, C, C)`` (``conv/kernel`` and ``conv/bias`` for
+    AlexNet), RDA ``conv1/rda_d_raw, rda_v, rda_rho`` when evolving, ``bn1/scale, bias`` of
+    shape ``(steps_z, C)`` (per-step) or ``(C,)`` (shared); batch_stats ``bn1/mean, var``
+    of the same shapes. Running statistics are updated only when ``train=True``, the
+    ``batch_stats`` collection is mutable and the model is not initializing.
+
+    The Neural ODE in train mode solves once with ``odeint_diffrax`` (whose gradient is the
+    continuous adjoint) and, when the running statistics are to be updated, once more with
+    ``odeint_fixed(..., has_aux=True)`` under ``stop_gradient`` to read each step's batch
+    moments (diffrax cannot return them): one extra forward solve per block, no backward.
+    """
+
+    features: int
+    config: ODEConfig
+    kernel_size: int = 3
+    num_convs: int = 2
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, z, train: bool = False):
+        cfg = self.config
+        if z.shape[-1] != self.features:
+            raise ValueError(f"ODEBlock with features={self.features} got input with {z.shape[-1]} channels")
+        theta, coeffs, args, bns = {}, {}, {}, {}
+        for conv_name, bn_name in layer_names(self.num_convs):
+            theta[conv_name], coeffs[conv_name] = ConvParams(
+                self.features, self.kernel_size, self.use_bias, cfg, name=conv_name
+            )(self.features)
+            bns[bn_name] = StepBatchNorm(
+                self.features, cfg.steps_z, cfg.norm == "shared", cfg.bn_momentum, cfg.jnp_dtype, name=bn_name
+            )
+            args[bn_name] = bns[bn_name](train)
+        coeffs = coeffs if cfg.evolve else None
+        update_stats = train and self.is_mutable_collection("batch_stats") and not self.is_initializing()
+        f = functools.partial(ode_function, num_convs=self.num_convs, train=train)
+
+        aux = None
+        if cfg.adjoint == "backsolve":
+            z1 = ode.odeint_diffrax(
+                functools.partial(f, with_aux=False), z, theta,
+                num_steps=cfg.steps_z, solver=cfg.solver, adjoint="backsolve", step_args=args,
+            )
+            if update_stats:  # diffrax cannot return aux: one extra forward solve, no gradient
+                sg = jax.lax.stop_gradient
+                _, aux = ode.odeint_fixed(
+                    functools.partial(f, with_aux=True), sg(z), sg(theta),
+                    num_steps=cfg.steps_z, solver=cfg.solver, step_args=sg(args), has_aux=True,
+                )
+        else:
+            out = coupled_block(
+                functools.partial(f, with_aux=train), z, theta, coeffs,
+                steps_z=cfg.steps_z,
+                steps_w=cfg.steps_w if cfg.evolve else None,
+                schedule=cfg.schedule if cfg.evolve else "aligned",
+                nonlinearity=cfg.sigma,
+                remat=cfg.remat,
+                adjoint=cfg.adjoint,
+                solver=cfg.solver,
+                step_args=args,
+                has_aux=train,
+            )
+            z1, aux = out if train else (out, None)
+        if update_stats:
+            for bn_name, bn in bns.items():
+                bn.update(aux[bn_name]["mean"], aux[bn_name]["var"])
+        return z1
+
+
+class DownsampleBlock(nn.Module):
+    """ResNet-10's ordinary ``layer2_1``: ``BN(conv1x1/2(z)) + relu(bn2(conv2(relu(bn1(conv3x3/2(z))))))``."""
+
+    features: int
+    config: ODEConfig
+
+    @nn.compact
+    def __call__(self, z, train: bool = False):
+        conv = functools.partial(Conv, use_bias=False, dtype=self.config.jnp_dtype)
+        bn = functools.partial(flax_batch_norm, self.config, train)
+        h = jax.nn.relu(bn("bn1")(conv(self.features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv1")(z)))
+        h = jax.nn.relu(bn("bn2")(conv(self.features, (3, 3), padding="SAME", name="conv2")(h)))
+        shortcut = bn("shortcut_bn")(conv(self.features, (1, 1), strides=(2, 2), padding="VALID", name="shortcut_conv")(z))
+        return shortcut + h
+
+
+def flax_batch_norm(cfg: ODEConfig, train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=cfg.bn_momentum, epsilon=kernels.BN_EPS,
+        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, name=name,
+        # Same arithmetic as the ODE blocks' batch norm: two-pass variance, statistics kept
+        # in the model dtype (float32 or float64; no half precision here to protect).
+        use_fast_variance=False, force_float32_reductions=False,
+    )
+
+

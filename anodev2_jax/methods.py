@@ -1,0 +1,183 @@
+"""Model and method names, the ODE knobs and each method's defaults (Tables 1-4 rows; no Flax).
+
+``resolve_config(method, **overrides)`` validates the knobs of a model's ODE blocks and
+returns an :class:`ODEConfig`; :func:`anodev2_jax.get_model` builds the Flax model from it.
+Methods (``method_defaults``; every knob may be overridden):
+
+* ``baseline``: one Euler step, no evolution (the plain residual network).
+* ``neural_ode``: ``steps_z=2`` (Table 4's ``N_t = 2``), static weights, gradient by
+  diffrax's ``BacksolveAdjoint`` (``adjoint="backsolve"``: the continuous adjoint of Chen
+  et al. [8], optimize-then-discretize, so the gradient is only *approximate*).
+* ``anode``: ``steps_z=2``, static weights, DTO (exact) gradients through
+  :func:`anodev2_jax.coupled_block` without evolution and ANODE's block checkpointing.
+* ``anodev2_conf1``: ``steps_z = steps_w = 5``, ``schedule="aligned"``, RDA evolution.
+* ``anodev2_conf2``: ``steps_z = 2, steps_w = 10``, ``schedule="endpoints"``, RDA evolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from anodev2_jax import ode
+from anodev2_jax.paper import METHODS, MODELS
+from anodev2_jax.trajectory import SCHEDULES, trajectory_indices
+
+__all__ = [
+    "MODELS",
+    "METHODS",
+    "EVOLVING_METHODS",
+    "ADJOINTS",
+    "COEFF_GRANULARITIES",
+    "NONLINEARITIES",
+    "NORMS",
+    "DTYPES",
+    "KNOBS",
+    "ODEConfig",
+    "method_defaults",
+    "resolve_config",
+]
+
+EVOLVING_METHODS = ("anodev2_conf1", "anodev2_conf2")
+ADJOINTS = ("autodiff", "discrete", "backsolve")
+COEFF_GRANULARITIES = ("kernel", "filter")
+NONLINEARITIES: dict[str, Optional[Callable]] = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "none": None}
+NORMS = ("per_step", "shared")
+DTYPES = ("float32", "float64")
+
+# The knobs and their values for every method (None = not used). ``steps_z``, ``steps_w``,
+# ``schedule``, ``solver`` (``"euler"``, ``"rk2"``, ``"rk4"``) and ``remat`` (see
+# ode.REMAT_MODES) as in coupled_block; ``adjoint``: ``"autodiff"``, ``"discrete"`` (the
+# hand-written Eq. 2.5 adjoint, Euler only) or ``"backsolve"`` (diffrax continuous
+# adjoint, static weights only); ``coeff_granularity``: ``"kernel"`` (one ``(d, v, rho)``
+# per kernel) or ``"filter"`` (one per output filter, shape ``(cout,)``); ``nonlinearity``:
+# sigma of Eq. 2.6; ``norm``: ``"per_step"`` or ``"shared"`` BatchNorm across time steps
+# (layers.StepBatchNorm); ``bn_momentum`` (Flax convention); ``dtype`` of params and
+# activations (``"float64"`` for gradient tests). Without evolution (``baseline``,
+# ``neural_ode``, ``anode``) ``steps_w``, ``schedule``, ``nonlinearity`` and
+# ``coeff_granularity`` are validated but unused; ``remat`` is unused by
+# ``adjoint="backsolve"`` (diffrax's backsolve keeps O(1) activations by construction).
+_COMMON_DEFAULTS: dict[str, Any] = dict(
+    steps_z=1,
+    steps_w=None,
+    schedule="aligned",
+    solver="euler",
+    remat="none",
+    adjoint="autodiff",
+    coeff_granularity="kernel",
+    nonlinearity="tanh",
+    norm="per_step",
+    bn_momentum=0.9,
+    dtype="float32",
+)
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "neural_ode": dict(steps_z=2, adjoint="backsolve"),
+    "anode": dict(steps_z=2, remat="block"),
+    "anodev2_conf1": dict(steps_z=5, steps_w=5, schedule="aligned", remat="block"),
+    "anodev2_conf2": dict(steps_z=2, steps_w=10, schedule="endpoints", remat="block"),
+}
+KNOBS = tuple(_COMMON_DEFAULTS)
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """All knob values of ``method`` (a fresh dict; ``steps_w`` is None without evolution)."""
+    ode.check_choice("method", method, METHODS)
+    return {**_COMMON_DEFAULTS, **_METHOD_DEFAULTS[method]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ODEConfig:
+    """The resolved, validated knobs of a model's ODE blocks (hashable: a static Module field)."""
+
+    method: str
+    evolve: bool
+    steps_z: int
+    steps_w: Optional[int]
+    schedule: str
+    solver: str
+    remat: str
+    adjoint: str
+    coeff_granularity: str
+    nonlinearity: str
+    norm: str
+    bn_momentum: float
+    dtype: str
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def sigma(self) -> Optional[Callable]:
+        return NONLINEARITIES[self.nonlinearity]
+
+
+def _normalize_dtype(value) -> str:
+    try:
+        name = np.dtype(value).name
+    except TypeError:
+        name = repr(value)
+    if name not in DTYPES:
+        raise ValueError(f"dtype={value!r} is not supported; use one of {', '.join(map(repr, DTYPES))}")
+    return name
+
+
+def resolve_config(method: str, **overrides) -> ODEConfig:
+    """Validate ``overrides`` against ``method``'s defaults; raise ValueError naming the bad field.
+
+    ``None`` values mean "the method's default". Runs no JAX computation.
+    """
+    defaults = method_defaults(method)
+    unknown = sorted(set(overrides) - set(KNOBS))
+    if unknown:
+        raise ValueError(
+            f"unknown knob(s) {', '.join(map(repr, unknown))} for method={method!r}; "
+            f"allowed knobs: {', '.join(KNOBS)}"
+        )
+    k = {**defaults, **{name: v for name, v in overrides.items() if v is not None}}
+    evolve = method in EVOLVING_METHODS
+
+    ode.check_num_steps("steps_z", k["steps_z"])
+    if k["steps_w"] is not None:
+        ode.check_num_steps("steps_w", k["steps_w"])
+    ode.check_choice("schedule", k["schedule"], SCHEDULES)
+    ode.check_choice("solver", k["solver"], ode.SOLVERS)
+    ode.check_choice("remat", k["remat"], ode.REMAT_MODES)
+    ode.check_choice("adjoint", k["adjoint"], ADJOINTS)
+    ode.check_choice("coeff_granularity", k["coeff_granularity"], COEFF_GRANULARITIES)
+    ode.check_choice("nonlinearity", k["nonlinearity"], tuple(NONLINEARITIES))
+    ode.check_choice("norm", k["norm"], NORMS)
+    m = k["bn_momentum"]
+    if isinstance(m, bool) or not isinstance(m, (int, float, np.floating)) or not 0.0 <= m <= 1.0:
+        raise ValueError(f"bn_momentum={m!r} must be a float in [0, 1] (Flax convention: 0.9 keeps 90% of the old value)")
+    k["bn_momentum"] = float(m)
+    k["dtype"] = _normalize_dtype(k["dtype"])
+
+    if evolve:
+        k["steps_w"] = k["steps_z"] if k["steps_w"] is None else k["steps_w"]
+        trajectory_indices(k["steps_z"], k["steps_w"], k["schedule"])  # e.g. 'aligned' divisibility
+    if k["adjoint"] == "discrete" and k["solver"] != "euler":
+        raise ValueError(
+            f"adjoint='discrete' implements Eq. 2.5 for forward Euler only, got solver={k['solver']!r}; "
+            "use solver='euler' or adjoint='autodiff'"
+        )
+    if k["adjoint"] == "backsolve" and evolve:
+        raise ValueError(
+            f"adjoint='backsolve' (diffrax continuous adjoint) needs static weights, but method={method!r} "
+            "evolves them; use adjoint='autodiff' or 'discrete', or method='neural_ode'"
+        )
+    if k["adjoint"] == "backsolve" and k["solver"] != "euler" and k["norm"] == "per_step":
+        # odeint_diffrax picks step n's args from the stage time alone, round(t * N): rk2/rk4
+        # stages at t_n + h/2 (round half to even) and t_n + h get step n+1's BatchNorm.
+        raise ValueError(
+            f"adjoint='backsolve' with solver={k['solver']!r} and norm='per_step' would give the inner "
+            "Runge-Kutta stages the wrong step's BatchNorm; use solver='euler', norm='shared' or "
+            "adjoint='autodiff'"
+        )
+    return ODEConfig(method=method, evolve=evolve, **k)
+

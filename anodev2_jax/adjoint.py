@@ -36,7 +36,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from anodev2_jax import ode
 from anodev2_jax.trajectory import BlockSpec, is_evolution_leaf, make_spec, split_tree, weight_trajectories, weights_at_step

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 
 from anodev2_jax import ode

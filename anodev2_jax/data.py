@@ -70,6 +70,7 @@ __all__ = [
     "preprocess_eval",
     "epoch_batches",
     "eval_batches",
+    "tensorflow_installed",
 ]
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
@@ -173,7 +174,7 @@ def _check_count(field: str, value) -> None:
 # ------------------------------------------------------------------------------ sources
 
 
-def _tensorflow_installed() -> bool:
+def tensorflow_installed() -> bool:
     """Whether TensorFlow could be imported (checked without importing it: that takes seconds)."""
     return importlib.util.find_spec("tensorflow") is not None
 
@@ -191,7 +192,7 @@ def _load_tfds(data_dir: Optional[str], num_train, num_test):
     if not builder.is_prepared():
         # Checked up front: without TensorFlow tfds would download 160 MB (or retry for
         # minutes offline) and only then fail in the conversion.
-        if not _tensorflow_installed():
+        if not tensorflow_installed():
             raise DataError(
                 f"tfds cifar10 is not prepared under {builder.data_dir} and preparing it "
                 f"(download + conversion) needs TensorFlow, which is not installed; {_TFDS_FIX}"
@@ -211,7 +212,7 @@ def _load_tfds(data_dir: Optional[str], num_train, num_test):
             source = builder.as_data_source(split=split)
         except NotImplementedError:
             # Prepared in a sequential format (TFRecord, tfds' default): only tf.data reads it.
-            if not _tensorflow_installed():
+            if not tensorflow_installed():
                 raise DataError(
                     f"tfds cifar10 under {builder.data_dir} is stored as {builder.info.file_format}, "
                     f"which only TensorFlow can read; {_TFDS_FIX}"

@@ -2,7 +2,7 @@
 
 Not a library module: the scripts in this folder import it as ``common`` (they put their
 own folder on ``sys.path``). Everything here runs the project's real training code
-(:mod:`anodev2_jax.training`) or, where a benchmark must leave out the augmentation
+(:mod:`anodev2_jax.steps`) or, where a benchmark must leave out the augmentation
 (``torch_peer.py``), the same model, loss and optimizer without it.
 """
 
@@ -27,7 +27,7 @@ import optax  # noqa: E402
 
 from configs import default as default_config  # noqa: E402
 
-from anodev2_jax import training  # noqa: E402
+from anodev2_jax import optim, run_config, sharding, steps  # noqa: E402
 
 # The rows of the benchmark tables: (label, method, ODE knob overrides).
 METHOD_ROWS = {
@@ -60,7 +60,7 @@ def make_config(model: str, method: str, *, batch: int, **knobs):
     config.batch_size = batch
     for name, value in knobs.items():
         config[name] = value
-    training.validate_config(config)
+    run_config.validate_config(config)
     return config
 
 
@@ -69,13 +69,13 @@ def train_step_program(config, *, steps_per_epoch: int = 195):
 
     Returns ``(step, state, batch)`` where ``step(state, *batch) -> (state, metrics)``
     donates ``state``; ``batch`` is uint8 images ``(1, B, 32, 32, 3)``, int32 labels
-    ``(1, B)`` and the seeds ``(1,)``, as :func:`anodev2_jax.training.make_train_step` takes.
+    ``(1, B)`` and the seeds ``(1,)``, as :func:`anodev2_jax.steps.make_train_step` takes.
     """
-    model = training.create_model(config)
-    tx, _ = training.create_optimizer(config, steps_per_epoch)
-    mesh = training.make_mesh()
-    state = training.init_train_state(model, tx, [config.seed], mesh)
-    step = training.make_train_step(model, tx, mesh, 1)
+    model = steps.create_model(config)
+    tx, _ = optim.create_optimizer(config, steps_per_epoch)
+    mesh = sharding.make_mesh()
+    state = steps.init_train_state(model, tx, [config.seed], mesh)
+    step = steps.make_train_step(model, tx, mesh, 1)
     rng = np.random.default_rng(0)
     b = config.batch_size
     images = jnp.asarray(rng.integers(0, 256, (1, b, 32, 32, 3), dtype=np.uint8))

@@ -1,6 +1,6 @@
 """Peak temporary memory of the compiled training step against the number of ODE steps, per remat mode.
 
-Compiles (never runs) the training system's step (:func:`anodev2_jax.training.make_train_step`:
+Compiles (never runs) the training system's step (:func:`anodev2_jax.steps.make_train_step`:
 augmentation, forward, backward, SGD update) for ResNet-10 with ``steps_z`` in 1, 2, 5, 10,
 20 under every ``remat`` mode ("none", "block", "step", "binomial"), and prints XLA's
 ``compiled.memory_analysis().temp_size_in_bytes`` (the scratch memory of one step; the
@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402
-from anodev2_jax import ode, training  # noqa: E402
+from anodev2_jax import ode, optim, sharding, steps  # noqa: E402
 
 MiB = 2**20
 
@@ -55,10 +55,10 @@ def temp_bytes(model: str, method: str, steps_z: int, remat: str, batch: int) ->
     if method == "anodev2_conf1":
         knobs["steps_w"] = steps_z
     config = common.make_config(model, method, batch=batch, **knobs)
-    net = training.create_model(config)
-    tx, _ = training.create_optimizer(config, 195)
-    mesh = training.make_mesh()
-    step = training.make_train_step(net, tx, mesh, 1)
+    net = steps.create_model(config)
+    tx, _ = optim.create_optimizer(config, 195)
+    mesh = sharding.make_mesh()
+    step = steps.make_train_step(net, tx, mesh, 1)
     state = abstract_state(net, tx)  # shapes only: nothing is allocated or initialized
     images = jax.ShapeDtypeStruct((1, batch, 32, 32, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((1, batch), jnp.int32)
@@ -69,11 +69,11 @@ def temp_bytes(model: str, method: str, steps_z: int, remat: str, batch: int) ->
 
 
 def abstract_state(net, tx):
-    """Shapes of a one-replica :class:`~anodev2_jax.training.TrainState` (leading seed axis of length 1).
+    """Shapes of a one-replica :class:`~anodev2_jax.steps.TrainState` (leading seed axis of length 1).
 
     The training system's own per-replica init, traced for shapes only: nothing is allocated.
     """
-    init = jax.vmap(functools.partial(training._init_one, net, tx))
+    init = jax.vmap(functools.partial(steps.init_one, net, tx))
     return jax.eval_shape(init, jax.ShapeDtypeStruct((1,), jnp.int32))
 
 

@@ -2,7 +2,7 @@
 
 For each model (ResNet-4, ResNet-10, AlexNet) and method row (``baseline``, ``neural_ode``,
 ``anode`` with ``steps_z`` 2 and 5, ``anodev2`` configurations 1 and 2) this times the
-training system's own jitted step (:func:`anodev2_jax.training.make_train_step`: on-device
+training system's own jitted step (:func:`anodev2_jax.steps.make_train_step`: on-device
 augmentation, forward, backward, SGD with momentum and weight decay, BatchNorm statistics;
 float32, one replica) and prints a markdown table: median and fastest step time over
 ``--steps`` timed steps after ``--warmup`` untimed ones, images/s, FLOPs per step, achieved
@@ -17,7 +17,7 @@ step once), so their ratios hold even on a machine whose load drifts.
 FLOPs come from XLA's HLO cost analysis (``Lowered.cost_analysis()``) of the same step.
 XLA counts the body of a while loop once, whatever its trip count, and on CPU the models
 compute convolution kernel gradients in a ``lax.scan`` over image chunks
-(``anodev2_jax/models.py``); the count is therefore taken from the step lowered with that
+(``anodev2_jax/kernels.py``); the count is therefore taken from the step lowered with that
 scan replaced by one matrix product (same arithmetic, no loop). The compiled program's own
 count (``compiled.cost_analysis()``) is printed to stderr for reference.
 
@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 import common  # noqa: E402
-from anodev2_jax import models as models_lib  # noqa: E402
-from anodev2_jax import training  # noqa: E402
+from anodev2_jax import kernels  # noqa: E402
+from anodev2_jax import optim, sharding, steps  # noqa: E402
 
 METHOD_LABELS = {
     "baseline": "baseline",
@@ -61,15 +61,15 @@ METHOD_LABELS = {
 
 def lowered_flops(config, state, batch) -> float | None:
     """FLOPs of one step by XLA's cost analysis of the lowered step, kernel-gradient scans unrolled."""
-    old = models_lib._CHUNK_BYTES
-    models_lib._CHUNK_BYTES = 1 << 62  # one chunk: no while loop for the cost model to undercount
+    old = kernels.CHUNK_BYTES
+    kernels.CHUNK_BYTES = 1 << 62  # one chunk: no while loop for the cost model to undercount
     try:
-        model = training.create_model(config)
-        tx, _ = training.create_optimizer(config, 195)
-        step = training.make_train_step(model, tx, training.make_mesh(), 1)
+        model = steps.create_model(config)
+        tx, _ = optim.create_optimizer(config, 195)
+        step = steps.make_train_step(model, tx, sharding.make_mesh(), 1)
         cost = step.lower(state, *batch).cost_analysis()
     finally:
-        models_lib._CHUNK_BYTES = old
+        kernels.CHUNK_BYTES = old
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None

@@ -10,7 +10,7 @@ default ``norm="per_step"`` does.
 
 Same work in both: the same float32 batch (no augmentation in either), cross-entropy,
 backward, and one SGD step with momentum 0.9 and coupled weight decay 5e-4 (optax chain
-as ``training.create_optimizer`` builds it / ``torch.optim.SGD(weight_decay=5e-4)``).
+as ``optim.create_optimizer`` builds it / ``torch.optim.SGD(weight_decay=5e-4)``).
 Before timing, the JAX weights are copied into the torch model and the script asserts that
 the logits and every parameter gradient agree (float32 tolerances), so the comparison is of
 the same computation. PyTorch runs with ``torch.set_num_threads(--threads)`` (default: the
@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from anodev2_jax import training  # noqa: E402
+from anodev2_jax import optim, steps  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
@@ -180,11 +180,11 @@ def main(argv=None) -> None:
 
     # --- JAX: the project's model and optimizer, no augmentation
     config = common.make_config("resnet4", "anode", batch=b, steps_z=sz)
-    tx, _ = training.create_optimizer(config, steps_per_epoch=195)
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=195)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(b, 32, 32, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, b).astype(np.int32))
-    models = {r: training.create_model(common.make_config("resnet4", "anode", batch=b, steps_z=sz, remat=r)) for r in args.remat}
+    models = {r: steps.create_model(common.make_config("resnet4", "anode", batch=b, steps_z=sz, remat=r)) for r in args.remat}
     variables = models[args.remat[0]].init(jax.random.key(0), x[:1], train=False)
 
     # --- torch: same weights; check that it is the same computation

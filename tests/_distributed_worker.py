@@ -16,7 +16,7 @@ from ``XLA_FLAGS`` (``--xla_force_host_platform_device_count``).
    and final params and the BatchNorm statistics to ``OUTDIR/steps.npz``.
 2. ``train_and_evaluate`` of the same config (one epoch, 2 steps) into ``OUTDIR/run``, as
    ``python train.py --config.distributed=True`` runs it. It reuses step 1's compiled
-   programs (``training._programs`` is cached per setup), so it compiles only evaluation.
+   programs (``steps.programs`` is cached per setup), so it compiles only evaluation.
 """
 
 import os
@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from anodev2_jax import data as data_lib  # noqa: E402
-from anodev2_jax import training  # noqa: E402
+from anodev2_jax import optim, sharding, steps, training  # noqa: E402
 from configs import smoke  # noqa: E402
 
 _STEPS = 3
@@ -53,21 +53,21 @@ def flat(tree, prefix):
 
 
 def run_steps(config, out: Path) -> None:
-    model = training.create_model(config)
-    mesh = training.make_mesh()
-    spec = training._OptimizerSpec.from_config(config, config.num_train // config.batch_size)
-    _, _, init, step, _ = training._programs(model, spec, mesh, 1)  # the programs train_and_evaluate uses
-    seeds = training.put_global(np.asarray([config.seed], np.int32), training.replicated(mesh))
+    model = steps.create_model(config)
+    mesh = sharding.make_mesh()
+    spec = optim.OptimizerSpec.from_config(config, config.num_train // config.batch_size)
+    _, _, init, step, _ = steps.programs(model, spec, mesh, 1)  # the programs train_and_evaluate uses
+    seeds = sharding.put_global(np.asarray([config.seed], np.int32), sharding.replicated(mesh))
     state = init(seeds)
 
     ds = data_lib.load_dataset(config.dataset, num_train=config.num_train, num_test=config.num_test, seed=config.data_seed)
     b = config.batch_size
     images, labels = ds.x_train[None, :b], ds.y_train[None, :b]  # the global batch (num_seeds=1, B, ...)
-    sharding = training.batch_sharding(mesh)
+    batches = sharding.batch_sharding(mesh)
     n, p = jax.process_count(), jax.process_index()
     rows = slice(p * b // n, (p + 1) * b // n)  # this process's rows (its devices come p-th in the mesh)
-    g_images = jax.make_array_from_process_local_data(sharding, images[:, rows], images.shape)
-    g_labels = jax.make_array_from_process_local_data(sharding, labels[:, rows], labels.shape)
+    g_images = jax.make_array_from_process_local_data(batches, images[:, rows], images.shape)
+    g_labels = jax.make_array_from_process_local_data(batches, labels[:, rows], labels.shape)
     for shard in g_images.addressable_shards:  # each local device holds a slice of this process's rows
         held = range(b)[shard.index[1]]
         assert rows.start <= held.start and held.stop <= rows.stop, (shard.index, rows)
@@ -94,12 +94,12 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     outdir = Path(sys.argv[1])
     config = tiny_config()
-    training._maybe_initialize_distributed(config)  # before any JAX computation; a no-op alone
+    sharding.maybe_initialize_distributed(config)  # before any JAX computation; a no-op alone
     log(t0, f"initialized, {jax.process_count()} process(es), {jax.device_count()} devices")
     run_steps(config, outdir / "steps.npz")
     log(t0, "steps done")
     training.train_and_evaluate(config, outdir / "run")
-    log(t0, f"train_and_evaluate done (programs cache {training._programs.cache_info()})")
+    log(t0, f"train_and_evaluate done (programs cache {steps.programs.cache_info()})")
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
         log(t0, "shut down")

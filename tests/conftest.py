@@ -25,6 +25,7 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared helpers module
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # ... and the configs package at the repository root
 
 
 def pytest_configure(config):

@@ -173,7 +173,7 @@ def test_tfds_not_importable(monkeypatch):
 
 def test_tfds_unprepared_without_tensorflow_fails_before_download(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(D, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(D, "tensorflow_installed", lambda: False)
 
     def no_download(self, *args, **kwargs):
         raise AssertionError("must not start a download without TensorFlow")
@@ -199,7 +199,7 @@ def test_tfds_unprepared_without_tensorflow_fails_before_download(monkeypatch, t
 def test_tfds_preparation_failure(monkeypatch, tmp_path, error, words):
     """Observed without TensorFlow: ModuleNotFoundError; offline: requests.ConnectionError (an OSError)."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(D, "_tensorflow_installed", lambda: True)
+    monkeypatch.setattr(D, "tensorflow_installed", lambda: True)
 
     def fail(self, *args, **kwargs):
         raise error
@@ -214,7 +214,7 @@ def test_tfds_preparation_failure(monkeypatch, tmp_path, error, words):
 
 def test_tfds_tfrecord_without_tensorflow(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(D, "_tensorflow_installed", lambda: False)
+    monkeypatch.setattr(D, "tensorflow_installed", lambda: False)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
 
     def sequential_only(self, *args, **kwargs):

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))  # the configs package lives at the repository roo
 
 from configs import default  # noqa: E402
 
-from anodev2_jax import training  # noqa: E402
+from anodev2_jax import sharding, training  # noqa: E402
 
 WORKER = REPO / "tests" / "_distributed_worker.py"
 _TIMEOUT_S = 240  # all three processes together; they take 30-60 s on 2 cores
@@ -198,8 +198,8 @@ def test_bad_launch_environment_is_a_config_error(monkeypatch, env, match):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     config = default.get_config()
-    training._maybe_initialize_distributed(config)  # distributed=False: the environment is ignored
+    sharding.maybe_initialize_distributed(config)  # distributed=False: the environment is ignored
     config.distributed = True
     with pytest.raises(training.ConfigError, match=match):
-        training._maybe_initialize_distributed(config)
+        sharding.maybe_initialize_distributed(config)
     assert not jax.distributed.is_initialized()

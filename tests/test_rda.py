@@ -9,7 +9,6 @@ import scipy.linalg
 from anodev2_jax import RDACoeffs, evolve_weights, linear_step, spectral_symbol
 from anodev2_jax.rda import apply_matrix, apply_multiplier, propagator_matrix, rda_multiplier
 
-from helpers import tree_allclose
 
 F64 = jnp.float64
 

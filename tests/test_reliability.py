@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
 
-from anodev2_jax import data, training  # noqa: E402
+from anodev2_jax import data, errors, stopping, training  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -204,22 +204,6 @@ def test_killed_stopped_and_failed_run_resumes_to_the_uninterrupted_result(tmp_p
         assert ours[key] == theirs[key], key
 
 
-# ----------------------------------------------------------------------------- signals
-
-
-def test_first_stop_signal_is_recorded_and_a_second_aborts():
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with training._StopSignals() as stop:
-        assert not stop.requested(1)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: recorded, no KeyboardInterrupt
-        time.sleep(0.01)
-        assert stop.requested(2) and stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt, match="second stop signal"):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    assert {s: signal.getsignal(s) for s in previous} == previous
-
-
 # ----------------------------------------------------------------------------- non-finite values
 
 
@@ -238,7 +222,7 @@ def tiny_config(**overrides):
 def nan_image(monkeypatch):
     """Patches ``load_dataset`` to hold one NaN image, drawn in epoch 2 only; gives its global step."""
     ds = data.load_dataset("synthetic", num_train=20, num_test=16)
-    epochs = [list(training._epoch_indices(20, 8, [0], e)) for e in (0, 1)]
+    epochs = [list(training.epoch_indices(20, 8, [0], e)) for e in (0, 1)]
     unused_in_epoch_1 = sorted(set(range(20)) - {int(i) for b in epochs[0] for i in b.ravel()})
     batch, poisoned = next((j, int(i)) for j, b in enumerate(epochs[1]) for i in b.ravel() if i in unused_in_epoch_1)
     x = ds.x_train.astype(np.float32)
@@ -285,20 +269,3 @@ def test_nonfinite_skip_leaves_the_step_out_and_counts_it(tmp_path, nan_image):
     counts = [leaf for leaf in jax.tree_util.tree_leaves(state["opt_state"]) if np.issubdtype(leaf.dtype, np.integer)]
     assert counts and all(int(c[0]) == 4 for c in counts)
     assert int(state["step"][0]) == 4 and int(state["loop"]["skipped"][0]) == 1
-
-
-# ----------------------------------------------------------------------------- write errors
-
-
-def test_write_errors_name_the_os_error():
-    assert training._os_error_text(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "No space left on device (ENOSPC)"
-    tensorstore = ValueError(
-        'OUT_OF_RANGE: Error writing "a/0" in OCDBT database at local file "/w/checkpoints/8.orbax-checkpoint-tmp/": '
-        "Failed to write 3631484 bytes to file 4: No space left on device [os_error_code='28']"
-    )
-    assert training._os_error_text(tensorstore) == "No space left on device (ENOSPC)"
-    error = training.WriteError("summary.json", OSError(errno.EDQUOT, "Disk quota exceeded"), Path("/w/checkpoints/8"))
-    assert str(error) == (
-        "writing summary.json failed: Disk quota exceeded (EDQUOT); free disk space or fix the permissions there, "
-        "then rerun the same command: it resumes from the last complete checkpoint /w/checkpoints/8"
-    )

@@ -2,7 +2,7 @@
 
 Every test drives ``train_and_evaluate`` in process (STYLE.md 13) under the suite's strict
 dtype and rank promotion with x64 enabled: training must stay float32 by itself. Runs of
-the same setup share compiled programs (``training._programs`` is cached), so the resume
+the same setup share compiled programs (``steps.programs`` is cached), so the resume
 and seed tests compile each program once.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))  # the configs package lives at the repository roo
 
 from configs import default, smoke  # noqa: E402
 
-from anodev2_jax import models, training  # noqa: E402
+from anodev2_jax import methods, models, optim, rundir, run_config, sharding, steps, training  # noqa: E402
 
 
 def tiny_config(model="resnet4", method="baseline", **overrides):
@@ -69,8 +69,8 @@ def without_timing(records):
 
 
 def _combo_params():
-    for name in models.MODELS:
-        for method in models.METHODS:
+    for name in methods.MODELS:
+        for method in methods.METHODS:
             marks = [pytest.mark.slow] if name != "resnet4" else []  # ~10-40 s each on 2 shared CPU cores
             yield pytest.param(name, method, id=f"{name}-{method}", marks=marks)
 
@@ -211,39 +211,15 @@ def test_unknown_field_and_other_config_in_workdir(tmp_path):
 
     workdir = tmp_path / "b"
     workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps(training._config_dict(tiny_config(method="anode"))))
+    (workdir / "config.json").write_text(json.dumps(run_config.config_dict(tiny_config(method="anode"))))
     before = (workdir / "config.json").read_text()
     with pytest.raises(training.ConfigError, match="method='anode'.*--config.method='anode'"):
         training.train_and_evaluate(tiny_config(), workdir)
     assert (workdir / "config.json").read_text() == before and sorted(os.listdir(workdir)) == ["config.json"]
     # An explicit value equal to the method's default is the same run as None.
-    (workdir / "config.json").write_text(json.dumps(training._config_dict(tiny_config(method="anode", steps_z=2))))
+    (workdir / "config.json").write_text(json.dumps(run_config.config_dict(tiny_config(method="anode", steps_z=2))))
     training.validate_config(tiny_config(method="anode"))
-    assert training._check_workdir(workdir, training._config_dict(tiny_config(method="anode"))) is not None
-
-
-def test_default_config_fields_are_the_validated_ones():
-    for get_config in (default.get_config, smoke.get_config):
-        config = get_config()
-        training.validate_config(config)
-        assert set(config.keys()) == set(training._FIELD_CHECKS)
-    from configs import alexnet, resnet4, resnet10
-
-    assert alexnet.get_config("anode").lr_boundaries_epochs == (40, 80, 100)
-    assert (resnet4.get_config("anodev2_conf2").method, resnet10.get_config().model) == ("anodev2_conf2", "resnet10")
-    config = resnet4.get_config("anodev2_conf1")
-    assert training.default_workdir(config).startswith(os.path.join("runs", "resnet4-anodev2_conf1-seed0-"))
-
-
-def test_weight_decay_skips_rda_coefficients():
-    params = {"conv1": {"kernel": 1.0, "rda_d_raw": 2.0, "rda_v": 3.0, "rda_rho": 4.0}, "bn": {"scale": 5.0}}
-    mask = training.weight_decay_mask(params)
-    assert mask == {"conv1": {"kernel": True, "rda_d_raw": False, "rda_v": False, "rda_rho": False}, "bn": {"scale": True}}
-    assert all(jax.tree_util.tree_leaves(training.weight_decay_mask(params, decay_rda_coeffs=True)))
-    schedule = training.learning_rate_schedule(default.get_config(), steps_per_epoch=10)
-    lrs = [float(schedule(s)) for s in (0, 1499, 1500, 2999, 3000)]
-    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
-    assert schedule(0).dtype == np.float32
+    assert rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anode"))) is not None
 
 
 # ----------------------------------------------------------------------------- devices
@@ -255,23 +231,23 @@ _DEVICE_SCRIPT = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, {repo!r})
     from configs import default
-    from anodev2_jax import data, training
+    from anodev2_jax import data, optim, sharding, steps
 
     assert jax.device_count() == 4, jax.devices()
     config = default.get_config("anode")  # ODE block with per-step BN; compiles fastest
     ds = data.load_dataset("synthetic", num_train=16, num_test=16)
-    model = training.create_model(config)
-    tx, _ = training.create_optimizer(config, steps_per_epoch=1)
+    model = steps.create_model(config)
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=1)
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):
-        mesh = training.make_mesh(devices)
-        state = training.init_train_state(model, tx, [0], mesh)
-        step = training.make_train_step(model, tx, mesh, 1)
-        batch = training.batch_sharding(mesh)
-        images = training.put_global(ds.x_train[None], batch)
-        labels = training.put_global(ds.y_train[None], batch)
+        mesh = sharding.make_mesh(devices)
+        state = steps.init_train_state(model, tx, [0], mesh)
+        step = steps.make_train_step(model, tx, mesh, 1)
+        batch = sharding.batch_sharding(mesh)
+        images = sharding.put_global(ds.x_train[None], batch)
+        labels = sharding.put_global(ds.y_train[None], batch)
         assert len(images.sharding.device_set) == len(devices)
-        seeds = training.put_global(np.zeros((1,), np.int32), training.replicated(mesh))
+        seeds = sharding.put_global(np.zeros((1,), np.int32), sharding.replicated(mesh))
         for _ in range(2):
             state, metrics = step(state, images, labels, seeds)
         assert len(state.params["fc"]["kernel"].sharding.device_set) == len(devices)
@@ -295,19 +271,19 @@ def test_train_step_lowers_for_gpu_and_tpu_without_cpu_kernels():
 
     Lowering needs no accelerator (``jax.export``), so CPU-only CI still catches an op with
     no accelerator lowering, or a CPU-only code path leaking into the accelerator program.
-    ``models.conv2d`` computes kernel gradients as matrix products on CPU only
+    ``kernels.conv2d`` computes kernel gradients as matrix products on CPU only
     (``lax.platform_dependent``), inside a ``lax.scan`` where the batch needs several cache-
     sized chunks (here: the ODE block's 16-channel layers). The accelerator programs must have
     no loop at all and one more convolution per layer (stem + 2 per Euler step x 5 = 11): each
     kernel gradient as the library's convolution.
     """
     config = tiny_config("resnet4", "anodev2_conf1", num_seeds=5)
-    model = training.create_model(config)
-    tx, _ = training.create_optimizer(config, steps_per_epoch=2)
-    mesh = training.make_mesh()
-    step = training.make_train_step(model, tx, mesh, 5)
+    model = steps.create_model(config)
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=2)
+    mesh = sharding.make_mesh()
+    step = steps.make_train_step(model, tx, mesh, 5)
     args = (
-        jax.eval_shape(lambda: training.init_train_state(model, tx, list(range(5)), mesh)),  # shapes only
+        jax.eval_shape(lambda: steps.init_train_state(model, tx, list(range(5)), mesh)),  # shapes only
         jax.ShapeDtypeStruct((5, 8, 32, 32, 3), np.uint8),
         jax.ShapeDtypeStruct((5, 8), np.int32),
         jax.ShapeDtypeStruct((5,), np.int32),

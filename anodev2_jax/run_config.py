@@ -1,0 +1,217 @@
+"""Run configuration: every field of a config with its check, and which fields a restart may change.
+
+The fields are those of ``configs/default.py``; :func:`validate_config` checks them all
+(no unknown, none missing, types and ranges) before anything runs. Imports neither optax
+nor orbax, so :mod:`anodev2_jax.reproduce` reads these names cheaply.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Callable, Optional
+
+import ml_collections
+import numpy as np
+
+from anodev2_jax.data import DATASETS
+from anodev2_jax.errors import ConfigError
+from anodev2_jax.methods import METHODS, MODELS, resolve_config
+
+__all__ = [
+    "NONFINITE_MODES",
+    "KNOB_FIELDS",
+    "RESUMABLE_FIELDS",
+    "ADDED_FIELDS",
+    "FIELD_CHECKS",
+    "config_dict",
+    "json_default",
+    "validate_config",
+    "knobs",
+    "resolved_knobs",
+    "default_workdir",
+]
+
+NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or gradient does
+
+# The config fields that are ODE knobs of the model (anodev2_jax.methods.KNOBS but bn_momentum, dtype).
+KNOB_FIELDS = ("steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm")
+
+# Fields a restart may change: num_epochs, to extend a run (the learning-rate boundaries are
+# absolute epochs, so extending does not move them); where the data is (data_dir); how often
+# to log, evaluate and checkpoint; multi-host start-up; what a non-finite step does. Every
+# other field must match the run directory's config.json (ODE knobs compared after
+# resolving None to the method's default).
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "data_dir",
+    "eval_every_epochs",
+    "eval_batch_size",
+    "log_every_steps",
+    "checkpoint_every_epochs",
+    "keep_checkpoints",
+    "distributed",
+    "nonfinite",
+)
+
+# Fields added to the config after runs were written without them, with the value such runs
+# had implicitly: a config.json that lacks the field matches a config with that value.
+ADDED_FIELDS: dict[str, Any] = {}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _choice(allowed):
+    def check(v):
+        return v in allowed, f"one of {', '.join(allowed)}"
+
+    return check
+
+
+def _int_at_least(lo, optional=False):
+    def check(v):
+        ok = (optional and v is None) or (_is_int(v) and v >= lo)
+        return ok, f"an integer >= {lo}" + (" or None" if optional else "")
+
+    return check
+
+
+def _optional(kind: type, what: str):
+    def check(v):
+        return v is None or isinstance(v, kind) and not isinstance(v, bool), f"{what} or None"
+
+    return check
+
+
+def _real_in(lo, hi, lo_open=False, hi_open=False):
+    def check(v):
+        ok = _is_real(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        return ok, f"a number in {lb}{lo}, {hi}{rb}"
+
+    return check
+
+
+def _boundaries(v):
+    ok = (
+        isinstance(v, (tuple, list))
+        and all(_is_int(b) and b >= 1 for b in v)
+        and all(a < b for a, b in zip(v[:-1], v[1:]))
+    )
+    return ok, "a strictly increasing tuple of positive epochs, e.g. (150, 300)"
+
+
+def _bool(v):
+    return isinstance(v, bool), "True or False"
+
+
+# Every field a config may have, with its check: (ok, "what it must be").
+FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
+    "model": _choice(MODELS),
+    "method": _choice(METHODS),
+    "steps_z": _int_at_least(1, optional=True),
+    "steps_w": _int_at_least(1, optional=True),
+    "schedule": _optional(str, "a string"),
+    "solver": _optional(str, "a string"),
+    "remat": _optional(str, "a string"),
+    "adjoint": _optional(str, "a string"),
+    "coeff_granularity": _optional(str, "a string"),
+    "nonlinearity": _optional(str, "a string"),
+    "norm": _optional(str, "a string"),
+    "dataset": _choice(DATASETS),
+    "data_dir": _optional(str, "a path"),
+    "num_train": _int_at_least(1, optional=True),
+    "num_test": _int_at_least(1, optional=True),
+    "data_seed": _int_at_least(0),
+    "num_epochs": _int_at_least(1),
+    "batch_size": _int_at_least(1),
+    "eval_batch_size": _int_at_least(1, optional=True),
+    "learning_rate": _real_in(0, math.inf, lo_open=True, hi_open=True),
+    "lr_boundaries_epochs": _boundaries,
+    "lr_decay_factor": _real_in(0, 1, lo_open=True),
+    "momentum": _real_in(0, 1, hi_open=True),
+    "weight_decay": _real_in(0, math.inf, hi_open=True),
+    "decay_rda_coeffs": _bool,
+    "seed": _int_at_least(0),
+    "num_seeds": _int_at_least(1),
+    "eval_every_epochs": _int_at_least(1),
+    "log_every_steps": _int_at_least(0),
+    "checkpoint_every_epochs": _int_at_least(1),
+    "keep_checkpoints": _int_at_least(1),
+    "distributed": _bool,
+    "nonfinite": _choice(NONFINITE_MODES),
+}
+
+
+def config_dict(config) -> dict[str, Any]:
+    """A plain dict of the config's fields (tuples become lists, as in JSON)."""
+    d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    return json.loads(json.dumps(d, default=json_default))
+
+
+def json_default(o):
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def validate_config(config) -> None:
+    """Checks every field of ``config`` (no unknown, none missing, types and ranges).
+
+    Raises:
+      ConfigError: one line naming the field, the bad value and the fix.
+    """
+    try:
+        keys = set(config.keys())
+    except AttributeError:
+        raise ConfigError(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}") from None
+    unknown = sorted(keys - set(FIELD_CHECKS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {', '.join(unknown)}; remove them (the fields are those of "
+            "configs/default.py)"
+        )
+    missing = [k for k in FIELD_CHECKS if k not in keys]
+    if missing:
+        raise ConfigError(
+            f"config field(s) {', '.join(missing)} missing; build the config on configs/default.py's get_config()"
+        )
+    for name, check in FIELD_CHECKS.items():
+        value = config[name]
+        ok, what = check(value)
+        if not ok:
+            raise ConfigError(f"config.{name}={value!r} is invalid: it must be {what}; fix --config.{name}")
+    try:
+        json.dumps(config_dict(config))
+    except TypeError as e:
+        raise ConfigError(f"config holds a value JSON cannot store ({e}); use plain numbers, strings and tuples") from None
+
+
+def knobs(config) -> dict[str, Any]:
+    """The ODE knob fields of ``config`` (None: the method's default)."""
+    return {k: config[k] for k in KNOB_FIELDS}
+
+
+def resolved_knobs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ODE knobs of a config dict with None replaced by the method's default."""
+    knobs = {k: cfg.get(k) for k in KNOB_FIELDS}
+    try:
+        resolved = resolve_config(cfg["method"], **knobs)
+    except (ValueError, KeyError):
+        return knobs
+    return {k: getattr(resolved, k) for k in KNOB_FIELDS}
+
+
+def default_workdir(config, now: Optional[datetime.datetime] = None) -> str:
+    """A readable new run directory: ``runs/<model>-<method>-seed<N>-YYYYmmdd-HHMMSS``."""
+    now = now or datetime.datetime.now()
+    seeds = f"seed{config.seed}" if config.num_seeds == 1 else f"seeds{config.seed}-{config.seed + config.num_seeds - 1}"
+    return os.path.join("runs", f"{config.model}-{config.method}-{seeds}-{now:%Y%m%d-%H%M%S}")

@@ -1,0 +1,104 @@
+"""Data parallelism with ``jax.sharding``: the device mesh, shardings, global arrays, multi-process start-up.
+
+A 1-D ``Mesh`` over all devices (of all processes) with axis ``"data"``: training batches
+``(num_seeds, batch, ...)`` are sharded along the batch axis, the train state is
+replicated, and one ``jax.jit`` step lets XLA insert the gradient all-reduce, so BatchNorm
+statistics are global over the whole batch, as on one device. Batches are assembled with
+``jax.make_array_from_callback`` from the global batch every process computes identically
+(each process's devices receive only their rows), so the same code runs on several
+processes or hosts (tested with two CPU processes, ``tests/test_distributed.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from anodev2_jax.errors import ConfigError
+
+__all__ = [
+    "DATA_AXIS",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
+    "make_mesh",
+    "replicated",
+    "batch_sharding",
+    "put_global",
+    "maybe_initialize_distributed",
+    "sync_processes",
+]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes), axis ``"data"``."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of the train state: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, *, seed_axis: bool = True) -> NamedSharding:
+    """Batches split along the batch axis: ``(num_seeds, batch, ...)`` or, for eval, ``(batch, ...)``."""
+    return NamedSharding(mesh, P(None, DATA_AXIS) if seed_axis else P(DATA_AXIS))
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array every process holds in full (multi-host safe)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def maybe_initialize_distributed(config) -> None:
+    """``jax.distributed.initialize`` when ``config.distributed`` is True (skipped if already done).
+
+    How the processes find each other is launch information, not run config (it differs
+    per process), so it comes from the environment: ``JAX_COORDINATOR_ADDRESS`` (``host:port``
+    of process 0; read by JAX itself), and ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (read
+    here; set both or neither). Whatever is unset JAX auto-detects on a cluster (Slurm, Open
+    MPI, Cloud TPU...). ``JAX_LOCAL_DEVICE_IDS`` restricts a process's devices. CPU
+    processes exchange collectives over gloo (TCP), JAX's default
+    ``jax_cpu_collectives_implementation``. Must run before any JAX computation.
+    """
+    if config.get("distributed", False) is not True or jax.distributed.is_initialized():
+        return
+    env = {k: os.environ.get(k) for k in (ENV_NUM_PROCESSES, ENV_PROCESS_ID)}
+    kwargs = {}
+    if any(v is not None for v in env.values()):
+        try:
+            num, pid = int(env[ENV_NUM_PROCESSES]), int(env[ENV_PROCESS_ID])
+        except (TypeError, ValueError):
+            num = pid = -1
+        if not 0 <= pid < num:
+            raise ConfigError(
+                f"config.distributed=True with {ENV_NUM_PROCESSES}={env[ENV_NUM_PROCESSES]!r}, "
+                f"{ENV_PROCESS_ID}={env[ENV_PROCESS_ID]!r}: set both, as integers with 0 <= "
+                f"{ENV_PROCESS_ID} < {ENV_NUM_PROCESSES} (or neither, to auto-detect on a cluster)"
+            )
+        if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            raise ConfigError(
+                f"config.distributed=True with {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} set needs "
+                "JAX_COORDINATOR_ADDRESS=host:port of process 0 too"
+            )
+        kwargs = {"num_processes": num, "process_id": pid}
+    jax.distributed.initialize(**kwargs)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier over all processes (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

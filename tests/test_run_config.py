@@ -1,0 +1,41 @@
+"""Run config: the fields of configs/*.py are exactly the validated ones; JSON form; resolved knobs."""
+
+import json
+import os
+
+from configs import default, smoke
+
+from anodev2_jax import run_config, training
+
+
+def test_default_config_fields_are_the_validated_ones():
+    for get_config in (default.get_config, smoke.get_config):
+        config = get_config()
+        training.validate_config(config)
+        assert set(config.keys()) == set(run_config.FIELD_CHECKS)
+    from configs import alexnet, resnet4, resnet10
+
+    assert alexnet.get_config("anode").lr_boundaries_epochs == (40, 80, 100)
+    assert (resnet4.get_config("anodev2_conf2").method, resnet10.get_config().model) == ("anodev2_conf2", "resnet10")
+    config = resnet4.get_config("anodev2_conf1")
+    assert training.default_workdir(config).startswith(os.path.join("runs", "resnet4-anodev2_conf1-seed0-"))
+
+
+def test_config_dict_is_json_and_knobs_resolve_to_the_method_defaults():
+    config = default.get_config("anodev2_conf2")
+    cfg = run_config.config_dict(config)
+    assert json.loads(json.dumps(cfg)) == cfg and cfg["lr_boundaries_epochs"] == [150, 300]
+    assert run_config.knobs(config)["steps_z"] is None
+    resolved = run_config.resolved_knobs(cfg)
+    assert (resolved["steps_z"], resolved["steps_w"], resolved["schedule"]) == (2, 10, "endpoints")
+    assert set(resolved) == set(run_config.KNOB_FIELDS)
+
+
+def test_run_config_needs_neither_optax_nor_orbax():
+    """reproduce reads RESUMABLE_FIELDS through run_config, which must stay light."""
+    import subprocess
+    import sys
+
+    code = "import sys, anodev2_jax.run_config; print(sorted(m for m in ('optax', 'orbax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

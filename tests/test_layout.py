@@ -1,0 +1,62 @@
+"""The package's layout rules (DESIGN.md): no import cycle, numerics without Flax, no private names used outside.
+
+Read from the source with ``ast`` (no import), so these run in milliseconds.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "anodev2_jax"
+NUMERICS = ("rda", "ode", "evolution", "time_kernels", "trajectory", "adjoint", "coupled")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The anodev2_jax modules ``path`` imports at module level (not inside functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("anodev2_jax"):
+            if node.module == "anodev2_jax":
+                names.update(a.name for a in node.names)
+            else:
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("anodev2_jax."))
+    return names
+
+
+def test_no_import_cycle_and_numerics_never_import_flax():
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {m: _top_level_imports(PACKAGE / f"{m}.py") & modules for m in modules}
+    state = {}
+
+    def visit(m, path):
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        if state.get(m) is None:
+            state[m] = "open"
+            for dep in sorted(graph[m]):
+                visit(dep, path + [m])
+            state[m] = "done"
+
+    for m in sorted(modules):
+        visit(m, [])
+    for m in NUMERICS:
+        if m in modules:
+            text = (PACKAGE / f"{m}.py").read_text()
+            assert not re.search(r"^\s*(import flax|from flax)", text, re.M), f"{m}.py imports Flax"
+
+
+def test_no_private_name_of_the_package_is_used_outside_its_module():
+    pattern = re.compile(r"\b(?:anodev2_jax\.)?(" + "|".join(p.stem for p in PACKAGE.glob("*.py")) + r")\._[a-z]\w*")
+    patched = re.compile(r"setattr\((\w+), [\"']_[a-z]")  # monkeypatch.setattr(module, "_private", ...)
+    offenders = []
+    for path in [*REPO.glob("tests/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("notebooks/*.ipynb"), *PACKAGE.glob("*.py")]:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for m in pattern.finditer(line):
+                if path.parent == PACKAGE and path.stem == m.group(1):
+                    continue
+                offenders.append(f"{path.relative_to(REPO)}:{lineno}: {m.group(0)}")
+            if path.parent != PACKAGE and patched.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -1,8 +1,8 @@
 """The training system's errors: each message is one line naming the cause and the fix.
 
-``train.py`` maps them to exit statuses: :class:`ConfigError` (and
-:class:`anodev2_jax.data.DataError`) 2, :class:`NonFiniteError` 3, :class:`WriteError` 4,
-:class:`Preempted` ``128 + signum``.
+``train.py`` maps them to exit statuses: :class:`ConfigError` (and its kinds
+:class:`WorkdirInUse`, :class:`WorkdirMismatch`, and :class:`anodev2_jax.data.DataError`) 2,
+:class:`NonFiniteError` 3, :class:`WriteError` 4, :class:`Preempted` ``128 + signum``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import signal
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["ConfigError", "NonFiniteError", "Preempted", "WriteError", "os_error_text"]
+__all__ = [
+    "ConfigError",
+    "WorkdirInUse",
+    "WorkdirMismatch",
+    "NonFiniteError",
+    "Preempted",
+    "WriteError",
+    "os_error_text",
+]
 
 
 class ConfigError(ValueError):
@@ -24,23 +32,67 @@ class ConfigError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class WorkdirInUse(ConfigError):
+    """Another process holds the run directory's lock (it is training there); nothing was written.
+
+    Attributes:
+      pid, host: the holder's process id and host name as its lock file says (None: not
+        written yet, the holder is just starting).
+    """
+
+    def __init__(self, workdir: Path, lock_file: Path, pid: Optional[int], host: Optional[str]):
+        self.pid, self.host = pid, host
+        if pid is None:
+            who, stop = "another run (just starting)", "stop it"
+        else:
+            who = f"another run (PID {pid} on host {host})"
+            stop = f"stop it (kill {pid}: it saves a checkpoint and exits)"
+        super().__init__(
+            f"workdir {workdir} is in use by {who}, which holds the lock {lock_file}; wait for it to end or {stop}, "
+            "then rerun this command to resume the run; or pass another --workdir"
+        )
+
+
+class WorkdirMismatch(ConfigError):
+    """The run directory holds a run of another config (field ``field``: ``stored`` there, ``wanted`` here)."""
+
+    def __init__(self, workdir: Path, field: str, stored, wanted):
+        self.workdir, self.field, self.stored, self.wanted = workdir, field, stored, wanted
+        super().__init__(
+            f"workdir {workdir} holds a run with {field}={stored!r}, but this config has {field}={wanted!r}; "
+            f"use a new --workdir, or --config.{field}={stored!r} to resume that run"
+        )
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun to resume.
+
+    A signal after the last step lets the run finish (``finished``): its last checkpoint and
+    ``summary.json`` are written, and a rerun says the run is finished.
 
     Attributes:
       signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
       step: the global step saved.
       checkpoint: the checkpoint directory written (``workdir/checkpoints/<step>``).
+      finished: whether the run had finished (the signal came after its last step).
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, steps_per_epoch: int):
-        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+    def __init__(self, signum: int, step: int, checkpoint: Path, steps_per_epoch: int, finished: bool = False):
+        self.signum, self.step, self.checkpoint, self.finished = int(signum), int(step), checkpoint, finished
         epoch, i = divmod(self.step, steps_per_epoch)
         where = f"end of epoch {epoch}" if i == 0 else f"step {i}/{steps_per_epoch} of epoch {epoch + 1}"
-        super().__init__(
-            f"received {signal.Signals(self.signum).name} at step {self.step} ({where}): saved checkpoint "
-            f"{checkpoint}; rerun the same command to resume"
-        )
+        name = signal.Signals(self.signum).name
+        if finished:
+            message = (
+                f"received {name} after the last step ({self.step}, {where}): the run finished anyway (checkpoint "
+                f"{checkpoint} and summary.json written); rerunning the same command says so and changes nothing"
+            )
+        else:
+            message = (
+                f"received {name} at step {self.step} ({where}): saved checkpoint {checkpoint}; rerun the same "
+                "command to resume"
+            )
+        super().__init__(message)
 
 
 class NonFiniteError(RuntimeError):

@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ml_collections
@@ -32,9 +33,20 @@ __all__ = [
     "knobs",
     "resolved_knobs",
     "default_workdir",
+    "resolve_workdir",
+    "MAX_ODE_STEPS",
+    "MAX_SEED",
 ]
 
-NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or gradient does
+NONFINITE_MODES = ("stop", "skip")
+
+# Every Euler step of an ODE block is unrolled into the compiled program (DESIGN.md: a
+# convolution inside a loop trains ~19x slower on XLA:CPU), so compile time grows linearly
+# with steps_z and steps_w: ~1 s per step of ResNet-4 here (measured at XLA's optimization
+# level 0: 13 s at steps_z=2, 36 s at 32). 1000 steps already compile for tens of minutes.
+MAX_ODE_STEPS = 1000
+# Seeds become int32 on the device (the PRNG keys, the per-seed data order): seed + num_seeds - 1 must fit.
+MAX_SEED = 2**31 - 1  # config.nonfinite: what a NaN / Inf loss or gradient does
 
 # The config fields that are ODE knobs of the model (anodev2_jax.methods.KNOBS but bn_momentum, dtype).
 KNOB_FIELDS = ("steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm")
@@ -84,6 +96,14 @@ def _int_at_least(lo, optional=False):
     return check
 
 
+def _int_in(lo, hi, optional=False, why=""):
+    def check(v):
+        ok = (optional and v is None) or (_is_int(v) and lo <= v <= hi)
+        return ok, f"an integer in [{lo}, {hi}]" + (" or None" if optional else "") + why
+
+    return check
+
+
 def _optional(kind: type, what: str):
     def check(v):
         return v is None or isinstance(v, kind) and not isinstance(v, bool), f"{what} or None"
@@ -117,8 +137,8 @@ def _bool(v):
 FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "model": _choice(MODELS),
     "method": _choice(METHODS),
-    "steps_z": _int_at_least(1, optional=True),
-    "steps_w": _int_at_least(1, optional=True),
+    "steps_z": _int_in(1, MAX_ODE_STEPS, optional=True, why=" (each step is unrolled: compile time grows with it)"),
+    "steps_w": _int_in(1, MAX_ODE_STEPS, optional=True, why=" (each step is unrolled: compile time grows with it)"),
     "schedule": _optional(str, "a string"),
     "solver": _optional(str, "a string"),
     "remat": _optional(str, "a string"),
@@ -140,7 +160,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "momentum": _real_in(0, 1, hi_open=True),
     "weight_decay": _real_in(0, math.inf, hi_open=True),
     "decay_rda_coeffs": _bool,
-    "seed": _int_at_least(0),
+    "seed": _int_in(0, MAX_SEED, why=" (seeds are int32 on the device)"),
     "num_seeds": _int_at_least(1),
     "eval_every_epochs": _int_at_least(1),
     "log_every_steps": _int_at_least(0),
@@ -189,6 +209,12 @@ def validate_config(config) -> None:
         ok, what = check(value)
         if not ok:
             raise ConfigError(f"config.{name}={value!r} is invalid: it must be {what}; fix --config.{name}")
+    last_seed = config["seed"] + config["num_seeds"] - 1
+    if last_seed > MAX_SEED:
+        raise ConfigError(
+            f"config.seed={config['seed']} with num_seeds={config['num_seeds']} runs seeds up to {last_seed}, "
+            f"beyond int32 ({MAX_SEED}); lower --config.seed"
+        )
     try:
         json.dumps(config_dict(config))
     except TypeError as e:
@@ -208,6 +234,20 @@ def resolved_knobs(cfg: dict[str, Any]) -> dict[str, Any]:
     except (ValueError, KeyError):
         return knobs
     return {k: getattr(resolved, k) for k in KNOB_FIELDS}
+
+
+def resolve_workdir(workdir: str | os.PathLike) -> Path:
+    """``workdir`` as a Path, ``~`` expanded (as ``data_dir`` is); an empty one is a :class:`ConfigError`.
+
+    ``Path("")`` would be the current directory: a run would write beside whatever is there.
+    """
+    text = os.fspath(workdir)
+    if not text.strip():
+        raise ConfigError(
+            "--workdir is empty; pass a directory (e.g. --workdir=runs/r4), or leave --workdir out for a new "
+            "one under runs/"
+        )
+    return Path(os.path.expanduser(text))
 
 
 def default_workdir(config, now: Optional[datetime.datetime] = None) -> str:

@@ -1,7 +1,10 @@
-"""Run config: the fields of configs/*.py are exactly the validated ones; JSON form; resolved knobs."""
+"""Run config: the fields of configs/*.py are exactly the validated ones; JSON form; resolved knobs; ranges; workdir."""
 
 import json
 import os
+from pathlib import Path
+
+import pytest
 
 from configs import default, smoke
 
@@ -39,3 +42,24 @@ def test_run_config_needs_neither_optax_nor_orbax():
     code = "import sys, anodev2_jax.run_config; print(sorted(m for m in ('optax', 'orbax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_ranges_that_would_fail_in_the_middle_of_set_up():
+    for overrides, match in (
+        (dict(seed=3_000_000_000), r"config.seed=3000000000 is invalid: it must be an integer in \[0, 2147483647\]"),
+        (dict(seed=2**31 - 1, num_seeds=2), "runs seeds up to 2147483648, beyond int32"),
+        (dict(steps_z=100_000), r"steps_z=100000 is invalid: it must be an integer in \[1, 1000\] or None .*unrolled"),
+        (dict(steps_w=1001), "steps_w=1001 is invalid"),
+    ):
+        config = default.get_config()
+        for name, value in overrides.items():
+            config[name] = value
+        with pytest.raises(training.ConfigError, match=match):
+            training.validate_config(config)
+
+
+def test_workdir_expands_the_home_directory_and_refuses_empty():
+    assert run_config.resolve_workdir("~/runs/x") == Path(os.path.expanduser("~/runs/x"))
+    for empty in ("", "  "):
+        with pytest.raises(training.ConfigError, match="--workdir is empty"):
+            run_config.resolve_workdir(empty)

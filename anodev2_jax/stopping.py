@@ -9,6 +9,7 @@ then stops (:class:`anodev2_jax.errors.NonFiniteError`) or counts the skipped st
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -23,20 +24,34 @@ __all__ = ["StopSignals", "FiniteFlags"]
 
 
 class StopSignals:
-    """SIGTERM / SIGINT during the training loop: the first is recorded (the loop saves and stops), a second aborts.
+    """SIGTERM / SIGINT over a whole run: what each one does depends on what the run has written.
 
-    The loop asks :meth:`requested` after every step; on a first signal it finishes the
-    current step, saves a checkpoint at that step (and waits for it), restores the previous
-    handlers and raises ``Preempted`` naming the signal, step and checkpoint; ``train.py``
-    prints that line and exits with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), and
-    rerunning the same command resumes. A second signal aborts at once (``KeyboardInterrupt``,
-    nothing saved; the previous checkpoint stays valid). A signal arriving during the last
-    epoch's evaluation lets the run finish; one arriving before the loop (while loading data
-    or compiling the init) ends the process as usual, and the restart resumes from the last
-    checkpoint.
+    * Before :meth:`arm` (the run directory is not locked yet: nothing of the run is written)
+      a signal ends the process at once, ``128 + signum``, with one line on stderr.
+    * After it, the first signal is recorded: the loop asks :meth:`requested` after every
+      step, finishes that step, saves a checkpoint of it (and waits for it) and raises
+      ``Preempted``; ``train.py`` prints that line and exits ``128 + signum`` (143 for
+      SIGTERM, 130 for SIGINT), and rerunning the same command resumes. A signal during set-up
+      or the first compile is acted on after the first step; one after the last step lets
+      the run finish (last checkpoint and ``summary.json``) and then stops it.
+    * A second signal ends the process at once (``128 + signum``, one line; the checkpoint in
+      flight is abandoned, the previous complete one stays valid), even in the middle of a
+      compile.
+
+    "At once" is ``os._exit`` from a watcher thread, not an exception in the main thread: a
+    ``KeyboardInterrupt`` raised inside orbax's wait would unwind while its writer threads
+    still run, into an interpreter shutdown that tears down the modules those threads use
+    (the SIGSEGV this replaces); ``os._exit`` runs no shutdown at all. Orbax writes into a
+    temporary directory renamed only when complete, ``metrics.jsonl`` gets whole flushed
+    lines and every other file is replaced atomically, so nothing is left half-written that
+    a restart would read. The thread learns of each signal from ``signal.set_wakeup_fd``
+    (one byte per signal, written by the C-level handler), so it counts two signals that
+    arrive during one long C++ call (XLA compiling) as two; Python-level handlers run only
+    between bytecodes and would see them as one. XLA releases the GIL while compiling, so the
+    thread runs then.
 
     Handlers are installed only in the main thread of a single-process run and the
-    previous ones are restored on exit. With several processes no Python handler is
+    previous ones (and wakeup fd) are restored on exit. With several processes no handler is
     installed: ``requested`` asks JAX's preemption sync point
     (``multihost_utils.reached_preemption_sync_point``) instead, so all processes agree on
     the step to stop at and save the same step.
@@ -46,28 +61,61 @@ class StopSignals:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.armed = False
+        self._seen = 0  # stop signals the watcher has counted
+        self._closing = False
         self._previous: dict[int, Any] = {}
+        self._previous_wakeup = -1
+        self._pipe: Optional[tuple[int, int]] = None
+        self._watcher: Optional[threading.Thread] = None
         self._multiprocess = jax.process_count() > 1
 
     def __enter__(self) -> "StopSignals":
         if not self._multiprocess and threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(w, False)  # set_wakeup_fd needs it
+            self._pipe = (r, w)
+            self._watcher = threading.Thread(target=self._watch, name="anodev2-stop-signals", daemon=True)
+            self._watcher.start()
+            self._previous_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._restore()
+    def arm(self) -> None:
+        """From now on a first signal is recorded (save and stop), not the end of the process."""
+        self.armed = True
 
-    def _restore(self) -> None:
+    def __exit__(self, *exc) -> None:
+        self._closing = True
         for s, handler in self._previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            r, w = self._pipe
+            os.write(w, b"\0")  # wakes the watcher, which ends
+            self._watcher.join(timeout=5)
+            os.close(r)
+            os.close(w)
+            self._pipe = None
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # the second signal: stop waiting for the save
-            self._restore()
-            raise KeyboardInterrupt(f"second stop signal ({signal.Signals(signum).name}): aborted without saving")
-        self.signum = signum
+    def _handle(self, signum, frame) -> None:  # main thread, between bytecodes
+        if self.signum is None:
+            self.signum = signum
+
+    def _watch(self) -> None:  # the watcher thread: one byte per signal, as it arrives
+        r = self._pipe[0]
+        while True:
+            data = os.read(r, 64)
+            if not data or self._closing:
+                return
+            for signum in (b for b in data if b in self.SIGNALS):
+                self._seen += 1
+                if not self.armed:
+                    _end_now(signum, _BEFORE_ARMED)
+                if self._seen >= 2:
+                    _end_now(signum, _AGAIN)
 
     def requested(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (called by every process after every step)."""
@@ -80,6 +128,22 @@ class StopSignals:
             except RuntimeError:  # the preemption service is off (jax.distributed initialized without it)
                 self._multiprocess = False
         return self.signum is not None
+
+
+_BEFORE_ARMED = "before this run wrote anything: nothing to save; rerun the same command to run it"
+_AGAIN = (
+    "again: stopped at once without saving (a checkpoint in flight is abandoned); rerun the same command to resume "
+    "from the last complete checkpoint"
+)
+
+
+def _end_now(signum: int, why: str) -> None:
+    """One line on stderr (unbuffered: no Python stream lock held by another thread), then ``os._exit``."""
+    try:
+        os.write(2, f"received {signal.Signals(signum).name} {why}\n".encode())
+    except OSError:
+        pass
+    os._exit(128 + signum)
 
 
 class FiniteFlags:

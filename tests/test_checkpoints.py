@@ -1,4 +1,4 @@
-"""Checkpoints: the listing of complete ones, save / wait / restore, and runs written by older code.
+"""Checkpoints: the listing of complete ones, save / wait / verified restore, and runs written by older code.
 
 ``fixtures/run_before_layout`` is a run directory written by the code before the layout
 change (commit 1872b8e): ResNet-4 configuration 2 on 16 synthetic images, batch 8, one epoch
@@ -8,12 +8,20 @@ checkpoint 4, its shape, dtype, sum, absolute sum and first value. Today's code 
 the directory to the same result. On the same jax version and XLA flags the numbers are
 bitwise equal (training is deterministic on CPU); the comparison allows 1e-6 relative so a
 jax upgrade that reorders float32 sums does not fail it while any real change does (one SGD
-step at lr 1e-3 moves these values by ~1e-3 relative).
+step at lr 1e-3 moves these values by ~1e-3 relative). Those checkpoints have no digest: they
+restore unverified (readability, tree, shapes and finiteness are checked).
+
+Corruption: flipping one bit in a checkpoint's array data (the largest file of the OCDBT
+store, which holds the compressed chunks) either makes the restore fail or changes the
+numbers restored, without any error from orbax: every such case must be caught and passed
+over for the checkpoint before it.
 """
 
 import json
 import shutil
 from pathlib import Path
+
+import orbax.checkpoint as ocp
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +67,7 @@ def test_a_run_written_before_the_layout_change_resumes_to_the_old_result(tmp_pa
         numbers = [k for k, v in want.items() if isinstance(v, float)]
         assert {k: v for k, v in got.items() if k not in numbers} == {k: v for k, v in want.items() if k not in numbers}
         np.testing.assert_allclose([got[k] for k in numbers], [want[k] for k in numbers], rtol=RTOL)
+    assert (workdir / "checkpoints" / "2").is_dir()  # restored, unverified (no digest), not set aside
     tree, step = checkpoints.restore_raw(workdir / "checkpoints", 4)
     digest = _digest(tree)
     want = {k: (v["shape"], v["dtype"], v["sum"], v["abs_sum"], v["first"]) for k, v in expected["checkpoint_4"].items()}
@@ -86,18 +95,123 @@ def test_save_wait_and_restore_against_a_target(tmp_path):
     tree = {"step": jnp.asarray(3, jnp.int32), "w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)}
     saver = checkpoints.Checkpointer(ckpt_dir, keep=2)
     for step in (3, 6, 9):
-        assert saver.save(step, tree) == ckpt_dir / str(step)
+        assert saver.save(step, tree, num_devices=4) == ckpt_dir / str(step)
     saver.wait()
     assert saver.last_good() == ckpt_dir / "9" and sorted(checkpoints.checkpoint_steps(ckpt_dir)) == [6, 9]
     saver.close()
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    step, restored = checkpoints.restore_latest(ckpt_dir, target)
-    assert step == 9 and np.array_equal(restored["w"], tree["w"])
+    restored = checkpoints.restore_latest(ckpt_dir, target)
+    assert (restored.step, restored.num_devices, restored.verified, restored.rejected) == (9, 4, True, ())
+    assert np.array_equal(restored.tree["w"], tree["w"])
+    meta = json.loads((ckpt_dir / "9" / "_CHECKPOINT_METADATA").read_text())["custom_metadata"]
+    assert meta[checkpoints.DIGEST_KEY] == checkpoints.state_digest(tree)  # in the checkpoint, atomic with it
     raw, step = checkpoints.restore_raw(ckpt_dir, 6)
     assert step == 6 and np.array_equal(raw["w"], tree["w"])
     with pytest.raises(ValueError, match="no checkpoint 5; available: 6, 9"):
         checkpoints.restore_raw(ckpt_dir, 5)
     wrong = {**target, "w": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
-    with pytest.raises(ConfigError, match=r"checkpoints/9 cannot be restored .*stored shape: \(2, 3\).*from another model"):
+    with pytest.raises(ConfigError, match=r"checkpoints/9 cannot be restored .*stored shape: \(2, 3\).*nor can the 1 before"):
         checkpoints.restore_latest(ckpt_dir, wrong)
     assert checkpoints.restore_latest(tmp_path / "missing", target) is None
+
+
+def test_state_digest_covers_values_dtypes_shapes_and_keys_not_containers():
+    a = {"p": (np.zeros(3, np.float32), np.ones((2, 2), np.int32))}
+    d = checkpoints.state_digest(a)
+    assert d == checkpoints.state_digest({"p": [np.zeros(3, np.float32), jnp.ones((2, 2), jnp.int32)]})
+    changed = [
+        {"p": (np.asarray([0, 0, 1e-30], np.float32), a["p"][1])},
+        {"p": (np.zeros(3, np.float64), a["p"][1])},
+        {"p": (np.zeros((3, 1), np.float32), a["p"][1])},
+        {"q": a["p"]},
+    ]
+    assert all(checkpoints.state_digest(t) != d for t in changed)
+
+
+def _tree(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "step": np.asarray(seed, np.int32),
+        "params": {"w": rng.standard_normal((48, 48)).astype(np.float32), "b": rng.standard_normal(300).astype(np.float32)},
+        "loop": {"loss": rng.standard_normal(4).astype(np.float32)},
+    }
+
+
+def _target(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def array_data_file(step_dir: Path) -> Path:
+    """The largest file of a checkpoint's OCDBT store: its compressed array chunks."""
+    return max((step_dir / "default" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def flip_bit(path: Path, fraction: float) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(fraction * len(data))] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _changed_on_disk(ckpt_dir: Path, step: int, saved) -> bool:
+    """True if orbax, unchecked, fails to read checkpoint ``step`` or reads other numbers than ``saved``."""
+    try:
+        raw, _ = checkpoints.restore_raw(ckpt_dir, step)
+    except Exception:
+        return True
+    return not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(saved)))
+
+
+def test_a_corrupt_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    good = tmp_path / "good"
+    saver = checkpoints.Checkpointer(good, keep=3)
+    saver.save(3, _tree(3))
+    saver.save(6, _tree(6))
+    saver.wait()
+    saver.close()
+    for fraction in (0.05, 0.3, 0.6, 0.85):  # inside the compressed chunks, at several places
+        ckpt_dir = tmp_path / f"flip{fraction}"
+        shutil.copytree(good, ckpt_dir)
+        flip_bit(array_data_file(ckpt_dir / "6"), fraction)
+        assert _changed_on_disk(ckpt_dir, 6, _tree(6)), fraction  # a real corruption, not a byte nobody reads
+        restored = checkpoints.restore_latest(ckpt_dir, _target(_tree(6)))
+        assert restored.step == 3 and restored.verified, fraction
+        ((path, why),) = restored.rejected
+        assert path == ckpt_dir / "6" and ("corrupt" in why or "cannot be restored" in why), why
+        assert checkpoints.state_digest(restored.tree) == checkpoints.state_digest(_tree(3))
+    # Nothing usable left: one line naming the newest checkpoint, exit 2's ConfigError.
+    flip_bit(array_data_file(ckpt_dir / "3"), 0.3)
+    with pytest.raises(ConfigError, match=r"checkpoint .*/6 .*nor can the 1 before it.*new --workdir") as info:
+        checkpoints.restore_latest(ckpt_dir, _target(_tree(6)))
+    assert "\n" not in str(info.value) and "TensorStore" not in str(info.value)
+
+
+def test_an_old_checkpoint_without_digest_that_reads_as_nan_is_corrupt(tmp_path):
+    """Bytes that decode to NaN in a checkpoint written before digests: never saved so, hence corrupt."""
+    ckpt_dir = tmp_path / "checkpoints"
+    nan = _tree(6)
+    nan["params"]["w"][5, 7] = np.nan
+    with ocp.CheckpointManager(ckpt_dir.absolute()) as manager:  # as the code before digests wrote them
+        manager.save(3, args=ocp.args.StandardSave(_tree(3)))
+        manager.save(6, args=ocp.args.StandardSave(nan))
+        manager.wait_until_finished()
+    restored = checkpoints.restore_latest(ckpt_dir, _target(nan))
+    assert (restored.step, restored.verified, restored.num_devices) == (3, False, None)
+    ((path, why),) = restored.rejected
+    assert path == ckpt_dir / "6" and "NaN or Inf" in why and "corrupt" in why
+
+
+def test_set_aside_keeps_the_checkpoint_out_of_the_listing(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    saver = checkpoints.Checkpointer(ckpt_dir, keep=3)
+    saver.save(3, _tree(3))
+    saver.wait()
+    saver.close()
+    assert checkpoints.set_aside(ckpt_dir / "3") == ckpt_dir / "3.corrupt"
+    (ckpt_dir / "3").mkdir()
+    assert checkpoints.set_aside(ckpt_dir / "3") == ckpt_dir / "3.corrupt-2"
+    assert checkpoints.checkpoint_steps(ckpt_dir) == [] and checkpoints.restore_latest(ckpt_dir, _target(_tree(3))) is None
+    saver = checkpoints.Checkpointer(ckpt_dir, keep=3)  # orbax ignores them, and saves step 3 again
+    saver.save(3, _tree(3))
+    saver.wait()
+    saver.close()
+    assert checkpoints.checkpoint_steps(ckpt_dir) == [3] and (ckpt_dir / "3.corrupt").is_dir()

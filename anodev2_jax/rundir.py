@@ -1,53 +1,90 @@
-"""The run directory: its checks, config.json, metrics.jsonl, TensorBoard event files and the progress line.
+"""The run directory: its checks and lock, config.json, metrics.jsonl, TensorBoard, sessions, the progress line.
 
 ``workdir/config.json`` holds the run's config; a restart compares it with the new one
 (:func:`check_workdir`). ``metrics.jsonl`` has one JSON object per seed every
 ``log_every_steps`` steps (``"kind": "step"``) and every epoch (``"kind": "epoch"``);
 TensorBoard event files per seed live under ``workdir/tensorboard/seed<N>`` (tensorboardX,
-no TensorFlow); ``summary.json`` is written at the end. Only process 0 writes.
+no TensorFlow); ``summary.json`` is written at the end; ``sessions.jsonl`` has one line per
+process start that trained (device count, host, jax version). ``run.lock`` is the run's
+lock (:class:`RunLock`): one writer per run directory. Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from anodev2_jax import checkpoints, run_config
-from anodev2_jax.errors import ConfigError
+from anodev2_jax.errors import ConfigError, WorkdirInUse, WorkdirMismatch
 
 __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "SUMMARY_FILE",
+    "LOCK_FILE",
+    "SESSIONS_FILE",
     "check_workdir",
     "check_writable",
+    "check_not_in_use",
+    "RunLock",
+    "snapshot",
+    "finished_summary",
     "write_text",
     "read_metrics",
+    "append_session",
     "json_number",
     "MetricsLogger",
     "Progress",
+    "say",
 ]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = "run.lock"
+SESSIONS_FILE = "sessions.jsonl"
+
+# What a run keeps in its directory, and whether each is a folder: anything else in its
+# place is bad input (exit 2), found before anything is written, not a failed write later.
+_ENTRIES = {
+    CONFIG_FILE: False, METRICS_FILE: False, SUMMARY_FILE: False, LOCK_FILE: False, SESSIONS_FILE: False,
+    checkpoints.CHECKPOINT_DIR: True, "tensorboard": True,
+}  # fmt: skip
 
 
 def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Checks that ``workdir`` is new or holds a run of a compatible config; writes nothing.
 
-    With ``steps_per_epoch``, also that no checkpoint (numbered by global step) lies beyond
-    ``cfg["num_epochs"]``. Returns the stored config (a dict) or None for a fresh workdir.
+    Also that what a run keeps there is of the right kind (a file, a folder) and that
+    ``metrics.jsonl`` is undamaged (:func:`read_metrics`); with ``steps_per_epoch``, that no
+    checkpoint (numbered by global step) lies beyond ``cfg["num_epochs"]``. Returns the
+    stored config (a dict) or None for a fresh workdir.
+
+    Raises:
+      WorkdirMismatch: the stored config differs in a field a restart may not change.
+      ConfigError: any other of the above.
     """
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is a file; pass a directory to --workdir")
+    for name, is_dir in _ENTRIES.items():
+        path = workdir / name
+        if path.exists() and path.is_dir() != is_dir:
+            kind = "a folder" if path.is_dir() else "not a folder"
+            raise ConfigError(
+                f"{path} is {kind}, but a run keeps {'its' if is_dir else 'a file'} {name} there; move it out of "
+                f"{workdir}, or pass another --workdir"
+            )
     stored_path = workdir / CONFIG_FILE
     if not stored_path.exists():
         if (workdir / "checkpoints").exists():
@@ -57,6 +94,7 @@ def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[
             )
         return None
     ckpt_dir = workdir / "checkpoints"
+    read_metrics(workdir / METRICS_FILE)  # damaged metrics are bad input, found now, not after the lock
     steps_done = checkpoints.checkpoint_steps(ckpt_dir)
     if steps_done and steps_per_epoch and max(steps_done) > cfg["num_epochs"] * steps_per_epoch:
         epochs = -(-max(steps_done) // steps_per_epoch)
@@ -79,10 +117,7 @@ def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[
             # a field added after the run was written: it ran with the value the field names there
             old = run_config.ADDED_FIELDS.get(name, "<missing>")
         if old != new:
-            raise ConfigError(
-                f"workdir {workdir} holds a run with {name}={old!r}, but this config has {name}={new!r}; "
-                f"use a new --workdir, or --config.{name}={old!r} to resume that run"
-            )
+            raise WorkdirMismatch(workdir, name, old, new)
     return stored
 
 
@@ -99,14 +134,147 @@ def check_writable(workdir: Path) -> None:
         raise ConfigError(f"{existing} is a file, so workdir {workdir} cannot be created in it; pass another --workdir")
     paths = [existing]  # the workdir itself, or the folder it will be created in
     if workdir.is_dir():
-        names = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "tensorboard")
-        paths += [workdir / n for n in names if (workdir / n).exists()]
+        paths += [workdir / n for n in _ENTRIES if (workdir / n).exists()]
     for p in paths:
         if not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
             raise ConfigError(
                 f"workdir {workdir} is not writable ({p} denies writing); fix the permissions "
                 f"(e.g. chmod -R u+w {workdir}) or pass another --workdir"
             )
+
+
+def _read_holder(lock_file: Path) -> tuple[Optional[int], Optional[str]]:
+    """(PID, host) the lock's holder wrote into it, or (None, None) if it has not yet (it is just starting)."""
+    for _ in range(10):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid, host = lock_file.read_text().split()[:2]
+            return int(pid), host
+        time.sleep(0.05)
+    return None, None
+
+
+def check_not_in_use(workdir: Path) -> None:
+    """Raises :class:`WorkdirInUse` if a run holds ``workdir``'s lock; writes nothing (a probe, not the lock).
+
+    Asked first, so that a second run on a busy workdir stops at once, before it loads data
+    or reads a checkpoint the holder may be replacing. A shared lock, taken and dropped at
+    once: it conflicts with a holder's exclusive one, not with another probe.
+    """
+    lock_file = workdir / LOCK_FILE
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:  # no lock file (a new run directory), or unreadable: RunLock decides
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WorkdirInUse(workdir, lock_file, *_read_holder(lock_file)) from None
+    except OSError:  # a file system without locks: RunLock says so
+        return
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """The exclusive lock of a run directory: ``fcntl.flock`` on ``workdir/run.lock`` while a run writes there.
+
+    Taken before anything of the run is written (``workdir`` itself is created for it, as
+    two new runs may race to): a second run on the same directory raises
+    :class:`WorkdirInUse` (exit 2) naming the holder, and writes nothing. The OS drops a
+    flock when its holder ends, however it ends (SIGKILL too), so no stale lock ever blocks
+    a restart. The holder writes ``"PID host"`` into the file for that error message and
+    empties it on release, so a run directory at rest looks the same whichever run held it
+    last. The file is never deleted: a lock file deleted while a second process waits on
+    it lets a third lock a new file beside the second. Only process 0 of a multi-process run
+    takes it (``active``). On a file system without locks (some NFS mounts) a one-line
+    warning says so and the run goes on unlocked.
+    """
+
+    # A probe (check_not_in_use) holds its shared lock for microseconds: a conflict that
+    # lasts beyond this is a real holder.
+    PATIENCE_S = 0.5
+
+    def __init__(self, workdir: Path, active: bool = True):
+        self.workdir, self.path, self.active = workdir, workdir / LOCK_FILE, active
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "RunLock":
+        """Takes the lock (creating ``workdir`` and the lock file if need be); :class:`WorkdirInUse` if held."""
+        if not self.active:
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                raise WorkdirInUse(self.workdir, self.path, *_read_holder(self.path)) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                os.close(fd)
+                why = os.strerror(e.errno)
+                say(f"warning: {self.path} cannot be locked ({why}): make sure no other run uses {self.workdir}", sys.stderr)
+                return self
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        return self
+
+    def release(self) -> None:
+        """Empties the lock file and drops the lock (the OS drops it anyway when the process ends)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def snapshot(workdir: Path) -> tuple:
+    """What a start reads from ``workdir``: size and mtime of its files, the complete checkpoints.
+
+    Compared before and after taking the lock: a run that ended in between changed it, and
+    the start reads it again instead of resuming from what it found before.
+    """
+    out: list[Any] = []
+    for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE):
+        try:
+            st = (workdir / name).stat()
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None, None))
+    out.append(tuple(sorted(checkpoints.checkpoint_steps(workdir / checkpoints.CHECKPOINT_DIR))))
+    return tuple(out)
+
+
+def finished_summary(workdir: Path, final_step: int) -> Optional[dict[str, Any]]:
+    """``summary.json`` of a finished run (``final_step`` steps, beside its checkpoint of that step), or None.
+
+    Called after :func:`check_workdir` (the stored config matches). A run whose last
+    checkpoint is final but whose summary is missing or older (it stopped after its last
+    checkpoint) is not finished: the restart evaluates that checkpoint and writes the summary.
+    """
+    steps = checkpoints.checkpoint_steps(workdir / checkpoints.CHECKPOINT_DIR)
+    if not steps or max(steps) != final_step:
+        return None
+    try:
+        summary = json.loads((workdir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == final_step else None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -125,18 +293,56 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
-def read_metrics(path: Path, max_step: int) -> list[str]:
-    """Lines of ``metrics.jsonl`` up to global step ``max_step`` (drops a crashed run's tail)."""
+def read_metrics(path: Path, max_step: Optional[int] = None) -> list[str]:
+    """Lines of ``metrics.jsonl`` up to global step ``max_step`` (all: None; drops a crashed run's tail); writes nothing.
+
+    A crash can cut off only the last line (records are appended whole and flushed), so an
+    unparsable last line is dropped; any other line that is not a JSON object with an
+    integer ``"step"``, or bytes that are not UTF-8 text, mean the file was damaged or edited:
+    a :class:`ConfigError` names the line (nothing is rewritten, so nothing is lost).
+    """
     if not path.exists():
         return []
+    fix = "restore it, or delete that line (or the whole file: its records are then lost) to resume"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path} is unreadable ({e.strerror or e}); fix its permissions or pass another --workdir") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line} is not UTF-8 text: the file is damaged; {fix}") from None
+    lines = text.split("\n")
+    cut_off = lines.pop() if lines else ""  # the text after the last newline: a record cut off by a crash, or ""
     keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= max_step:
-                keep.append(line)
-        except ValueError:  # a line cut off by a crash
+    for number, line in enumerate(lines + [cut_off], start=1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) + 1:  # cut off by a crash
+                continue
+            raise ConfigError(f"{path} line {number} is not JSON: the file is damaged; {fix}") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or isinstance(step, bool) or not isinstance(step, int):
+            what = "a JSON object" if not isinstance(record, dict) else "a record with an integer \"step\""
+            raise ConfigError(f"{path} line {number} is not {what}: the file was edited or damaged; {fix}")
+        if max_step is None or step <= max_step:
+            keep.append(line)
     return keep
+
+
+def append_session(workdir: Path, record: dict[str, Any]) -> None:
+    """Appends one line to ``sessions.jsonl``: what this process start ran on (an OSError names the file)."""
+    path = workdir / SESSIONS_FILE
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def json_number(x):
@@ -147,13 +353,13 @@ def json_number(x):
 class MetricsLogger:
     """metrics.jsonl and TensorBoard (one writer per seed); only process 0 writes."""
 
-    def __init__(self, workdir: Path, seeds: Sequence[int], resume_step: int, active: bool):
+    def __init__(self, workdir: Path, seeds: Sequence[int], kept: Sequence[str], active: bool):
+        """``kept``: the lines of metrics.jsonl up to the resumed step (:func:`read_metrics`)."""
         self.active, self.seeds = active, list(seeds)
         if not active:
             return
         path = workdir / METRICS_FILE
         self.path = path
-        kept = read_metrics(path, resume_step)
         write_text(path, "".join(line + "\n" for line in kept))  # atomic: a full disk loses no record
         self.file = path.open("a")
         from tensorboardX import SummaryWriter  # imported late: it is only needed once training starts
@@ -191,8 +397,32 @@ class MetricsLogger:
                 w.close()
 
 
+def say(text: str, stream=None) -> None:
+    """Prints ``text`` as a line on ``stream`` (stdout); if it is closed, silences it and carries on.
+
+    Progress output is not essential: when the reader of a pipe went away (``train.py | head
+    -1``: EPIPE) or the terminal closed (EIO), the stream's file descriptor is pointed at
+    /dev/null, so its pending bytes, later lines and the interpreter's last flush all
+    succeed and the run goes on, instead of stopping (and being reported as a disk problem).
+    """
+    stream = stream or sys.stdout
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except OSError:
+        _silence(stream)
+
+
+def _silence(stream) -> None:
+    with contextlib.suppress(Exception):  # a stream without a file descriptor (a test's capture) has nothing to silence
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        stream.flush()
+
+
 class Progress:
-    """One line per epoch: rewritten in place on a terminal, printed once otherwise."""
+    """One line per epoch: rewritten in place on a terminal, printed once otherwise (a closed stream is silenced)."""
 
     def __init__(self, enabled: bool, stream=None):
         self.stream = stream or sys.stdout
@@ -201,10 +431,13 @@ class Progress:
 
     def update(self, text: str) -> None:
         if self.tty:
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
+            try:
+                self.stream.write("\r\033[K" + text)
+                self.stream.flush()
+            except OSError:
+                _silence(self.stream)
+                self.tty = False
 
     def done(self, text: str) -> None:
         if self.enabled:
-            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
-            self.stream.flush()
+            say(("\r\033[K" if self.tty else "") + text, self.stream)

@@ -25,20 +25,40 @@ __all__ = [
     "DATA_AXIS",
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
+    "check_backend",
     "make_mesh",
     "replicated",
     "batch_sharding",
     "put_global",
     "maybe_initialize_distributed",
     "sync_processes",
+    "process_0_says",
 ]
 
 DATA_AXIS = "data"
 
 
+def check_backend() -> list[jax.Device]:
+    """All devices (of all processes); a :class:`ConfigError` if JAX cannot start the platform asked for.
+
+    JAX raises a RuntimeError for an unknown or unloadable platform, and a bare
+    ``AssertionError`` when ``JAX_PLATFORMS`` names a known platform whose plugin is not
+    installed (``cuda`` on a CPU-only install).
+    """
+    try:
+        return jax.devices()
+    except Exception as e:
+        platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+        detail = " ".join(str(e).split()).split(" (set JAX_PLATFORMS")[0] or "its jax plugin is not installed"
+        raise ConfigError(
+            f"JAX cannot start the platform JAX_PLATFORMS={platforms!r} here ({detail[:200]}); set JAX_PLATFORMS=cpu "
+            "or unset it, or install the accelerator's jax (e.g. pip install -e '.[cuda12]')"
+        ) from None
+
+
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all devices of all processes), axis ``"data"``."""
-    devices = jax.devices() if devices is None else list(devices)
+    """A 1-D mesh over ``devices`` (default: all devices of all processes, :func:`check_backend`), axis ``"data"``."""
+    devices = check_backend() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -102,3 +122,12 @@ def sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_0_says(values: Sequence[int]) -> list[int]:
+    """Process 0's ``values`` (small integers) on every process: a decision only process 0 can make (its lock)."""
+    if jax.process_count() == 1:
+        return list(values)
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]

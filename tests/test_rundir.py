@@ -1,0 +1,139 @@
+"""The run directory: its lock, the checks of what a restart reads, metrics.jsonl, and output to a closed stdout.
+
+The lock is exercised in process here (a second holder in this process is as good as a
+second process: ``flock`` locks belong to open files, not processes); two real
+``train.py`` processes on one workdir are in ``test_reliability.py``.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from anodev2_jax import errors, rundir
+
+
+def test_one_holder_at_a_time_named_by_pid(tmp_path):
+    workdir = tmp_path / "new" / "run"  # made by the lock: two new runs may race to create it
+    with rundir.RunLock(workdir) as lock:
+        assert (workdir / rundir.LOCK_FILE).read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+        with pytest.raises(errors.WorkdirInUse) as info:
+            rundir.RunLock(workdir).acquire()
+        assert (info.value.pid, info.value.host) == (os.getpid(), socket.gethostname())
+        message = str(info.value)
+        assert f"PID {os.getpid()}" in message and f"kill {os.getpid()}" in message and "another --workdir" in message
+        assert isinstance(info.value, errors.ConfigError) and "\n" not in message  # exit 2, one line
+        with pytest.raises(errors.WorkdirInUse):
+            rundir.check_not_in_use(workdir)
+    assert lock.fd is None and (workdir / rundir.LOCK_FILE).read_text() == ""  # emptied: a directory at rest
+    rundir.check_not_in_use(workdir)
+    with rundir.RunLock(workdir):  # free again
+        pass
+    inactive = rundir.RunLock(tmp_path / "other", active=False).acquire()  # processes but 0 take no lock
+    assert inactive.fd is None and not (tmp_path / "other").exists()
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from anodev2_jax import rundir
+    with rundir.RunLock(Path(sys.argv[1])):
+        print("locked", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_the_probe_sees_another_process_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+        with pytest.raises(errors.WorkdirInUse, match=f"PID {holder.pid} on host"):
+            rundir.check_not_in_use(workdir)
+        with pytest.raises(errors.WorkdirInUse, match=f"kill {holder.pid}"):
+            rundir.RunLock(workdir).acquire()
+        assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with rundir.RunLock(workdir):  # the OS dropped the killed holder's lock
+        pass
+
+
+def test_read_metrics_drops_a_cut_off_last_line_and_refuses_damage(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"kind": "epoch", "step": s, "epoch": s}) for s in (2, 4, 6)]
+    path.write_text("\n".join(good) + "\n" + '{"kind": "step", "st')  # a crash cut the last record
+    assert rundir.read_metrics(path, 4) == good[:2]
+    assert rundir.read_metrics(tmp_path / "none.jsonl", 4) == []
+    damaged = {
+        "not an object": (good[0] + "\n[1, 2]\n" + good[1] + "\n").encode(),
+        "not an integer step": (good[0] + '\n{"kind": "epoch", "step": "4"}\n').encode(),
+        "not JSON": (good[0] + "\n{oops\n" + good[1] + "\n").encode(),
+        "not UTF-8": good[0].encode() + b"\n\xff\xfe\n",
+    }
+    for what, data in damaged.items():
+        path.write_bytes(data)
+        with pytest.raises(errors.ConfigError, match=f"metrics.jsonl line 2 is not .*delete that line") as info:
+            rundir.read_metrics(path, 4)
+        assert "\n" not in str(info.value), what
+
+
+def test_check_workdir_refuses_entries_of_the_wrong_kind(tmp_path):
+    cfg = {"num_epochs": 1}
+    for name in (rundir.METRICS_FILE, rundir.SUMMARY_FILE, rundir.LOCK_FILE):
+        workdir = tmp_path / name
+        (workdir / name).mkdir(parents=True)  # a folder where the run keeps a file
+        with pytest.raises(errors.ConfigError, match=f"{name} is a folder.*move it out"):
+            rundir.check_workdir(workdir, cfg)
+    (tmp_path / "tb" / "tensorboard").parent.mkdir()
+    (tmp_path / "tb" / "tensorboard").write_text("")
+    with pytest.raises(errors.ConfigError, match="tensorboard is not a folder"):
+        rundir.check_workdir(tmp_path / "tb", cfg)
+
+
+def test_finished_summary_needs_the_final_checkpoint_and_its_summary(tmp_path):
+    (tmp_path / "checkpoints" / "8").mkdir(parents=True)
+    assert rundir.finished_summary(tmp_path, 8) is None  # no summary.json (stopped after the last checkpoint)
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4}))  # of a shorter run, since extended
+    assert rundir.finished_summary(tmp_path, 8) is None
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 8}))
+    assert rundir.finished_summary(tmp_path, 8) == {"steps": 8}
+    assert rundir.finished_summary(tmp_path, 12) is None  # a longer run: it trains on
+    snap = rundir.snapshot(tmp_path)
+    (tmp_path / "checkpoints" / "12").mkdir()
+    assert rundir.snapshot(tmp_path) != snap
+
+
+_CLOSED_STDOUT = textwrap.dedent(
+    """
+    import sys
+    from anodev2_jax import rundir
+    print("first", flush=True)
+    sys.stdin.readline()  # the reader has closed its end when this returns
+    for i in range(3):
+        rundir.say(f"line {i}")
+    progress = rundir.Progress(True)
+    progress.done("epoch 1")
+    sys.stderr.write("carried on\\n")
+    """
+)
+
+
+def test_a_closed_stdout_is_silenced_not_fatal():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLOSED_STDOUT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"first\n"
+    proc.stdout.close()  # `| head -1`
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == "carried on\n", err  # no BrokenPipeError, at exit either

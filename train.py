@@ -14,20 +14,29 @@ resumed from its latest checkpoint. All the work is ``anodev2_jax.training.train
 Exit status, each failure with one line on stderr naming the cause and the fix (``--verbose``
 shows the traceback instead):
 
-* 0: finished (``workdir/summary.json`` written).
-* 2: bad input, found before anything is written: an unknown or ill-typed config field,
-  a bad model / method / ODE knob or batch size, bad data, a workdir holding another
-  config's run or an unreadable checkpoint, a workdir that is not writable.
+* 0: finished (``workdir/summary.json`` written), or the workdir already holds this run,
+  finished (nothing is written).
+* 2: bad input, found before anything is written: a config file that does not load, an
+  unknown or ill-typed config field, a bad model / method / ODE knob or batch size, bad
+  data, a JAX platform that cannot start, a workdir holding another config's run, damaged
+  metrics or no usable checkpoint, a workdir that is not writable or that another run
+  holds (the line names its PID).
 * 3: the loss or gradients became NaN / Inf (``config.nonfinite="stop"``); the line names
   the step and the last good checkpoint, left intact.
 * 4: writing the run directory failed (disk full, quota); earlier checkpoints are intact.
 * 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint of the current
-  step; rerun the same command to resume. A second Ctrl-C aborts without saving (130).
+  step (or, after the last step, once the run finished); rerun the same command to
+  resume. A second signal ends the run at once without saving (also 130 / 143).
 """
 
+import contextlib
+import inspect
 import logging as std_logging
 import os
+import signal
 import sys
+import traceback
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -45,19 +54,51 @@ def _fail(message: str, status: int = _EXIT_BAD_INPUT, prefix: str = "error: ") 
     sys.exit(status)
 
 
+def _config_path(argv) -> str | None:
+    """The file part of the ``--config FILE.py[:ARG]`` argument, if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _config_file_error(e: BaseException, path: str | None) -> str | None:
+    """One line if ``e`` came from loading the config file ``path`` (its code, or its lack of get_config)."""
+    if not path:
+        return None
+    full = os.path.abspath(path)
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == full:
+        return f"config file {path} has a syntax error at line {e.lineno} ({e.msg}); fix it, e.g. as python -m py_compile {path} shows"
+    if isinstance(e, AttributeError) and "'get_config'" in str(e):
+        return (
+            f"config file {path} has no get_config(); define get_config(arg=None) returning an "
+            "ml_collections.ConfigDict, as configs/smoke.py does"
+        )
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == full]
+    if lines:
+        return f"config file {path} raised {type(e).__name__} at line {lines[-1]} while loading ({e}); fix the file"
+    return None
+
+
 def _parse_flags(argv):
     """absl flag parsing, but a bad flag or config file is one line and exit status 2."""
     verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
+    path = _config_path(argv)
     try:
         rest = FLAGS(argv)
-    except flags.Error as e:
+    except Exception as e:
         if verbose:
             raise
-        _fail(f"{e} (run python train.py --helpfull for the flags; config fields are in configs/default.py)")
-    except (AttributeError, KeyError) as e:  # config_flags: an override of a field the config lacks
-        if verbose:
+        message = _config_file_error(e, path)
+        if message:
+            _fail(message)
+        if isinstance(e, flags.Error):
+            _fail(f"{e} (run python train.py --helpfull for the flags; config fields are in configs/default.py)")
+        if not isinstance(e, (AttributeError, KeyError)):
             raise
-        detail = e
+        detail = e  # config_flags: an override of a field the config lacks
         while isinstance(detail, BaseException) and detail.args:
             detail = detail.args[0]
         _fail(f"unknown config field {detail} (in a --config.FIELD override); use a field of configs/default.py")
@@ -68,7 +109,10 @@ def _parse_flags(argv):
     except Exception as e:  # a missing file, or any error raised while importing it
         if verbose:
             raise
-        _fail(f"cannot load --config ({type(e).__name__}: {e}); pass an existing config file, e.g. configs/smoke.py")
+        message = _config_file_error(e, path)
+        if message is None and isinstance(e, AttributeError) and path:
+            message = f"config file {path}: get_config() returned {type(FLAGS.config).__name__}, not an ml_collections.ConfigDict; return one"
+        _fail(message or f"cannot load --config ({type(e).__name__}: {e}); pass an existing config file, e.g. configs/smoke.py")
     return rest
 
 
@@ -76,24 +120,41 @@ def _quiet_checkpoint_errors() -> None:
     """Without --verbose, a failed checkpoint write is one line (training.WriteError), not three dozen.
 
     Orbax logs its background writer's failure itself, asyncio logs the failures of orbax's
-    other pending writes ("exception was never retrieved", at exit), and tensorstore's
+    other pending writes ("exception was never retrieved", at exit), tensorstore's
     callbacks into the event loop orbax has already closed print "Event loop is closed"
-    tracebacks as unraisable exceptions; all are hidden here (orbax's and asyncio's log
+    tracebacks as unraisable exceptions, and orbax's reads abandoned after a failed restore
+    print "Exception ignored in: <coroutine ...>" and "coroutine ... was never awaited";
+    all are hidden here (orbax's and asyncio's log
     lines altogether: nothing else here uses asyncio, and orbax's failures reach the user
     as training errors).
     """
     logging.get_absl_logger().addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     default_hook = sys.unraisablehook
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        if not (closed_loop or inspect.iscoroutine(unraisable.object)):  # orbax's abandoned reads and writes
             default_hook(unraisable)
 
     sys.unraisablehook = hook
 
 
+def _interrupted(signum, frame):
+    """Ctrl-C where the run installs no handler of its own (start-up, or on the way out after a stop): end at once.
+
+    ``os._exit`` rather than ``KeyboardInterrupt``: nothing of the run is in flight then, and an
+    exception unwinding into interpreter shutdown while orbax's threads run can crash it
+    (see ``anodev2_jax.stopping.StopSignals``).
+    """
+    with contextlib.suppress(OSError):
+        os.write(2, b"received SIGINT: stopped at once; rerun the same command to resume from the last complete checkpoint\n")
+    os._exit(128 + signum)
+
+
 def main(argv):
+    signal.signal(signal.SIGINT, _interrupted)  # train_and_evaluate installs its own while it runs
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass options as --flag=value")
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
@@ -102,11 +163,11 @@ def main(argv):
     from anodev2_jax import data, training  # after flag parsing: --help stays fast
 
     config = FLAGS.config
-    if config.get("distributed") is True and not FLAGS.workdir:
+    if config.get("distributed") is True and FLAGS.workdir is None:
         _fail("config.distributed=True needs an explicit --workdir (each host would time-stamp its own default)")
     try:
-        workdir = FLAGS.workdir or training.default_workdir(config)
-        training.train_and_evaluate(config, workdir)
+        workdir = FLAGS.workdir if FLAGS.workdir is not None else training.default_workdir(config)
+        training.train_and_evaluate(config, workdir)  # an empty --workdir= is a ConfigError there
     except (training.ConfigError, data.DataError) as e:
         if FLAGS.verbose:
             raise
@@ -121,7 +182,7 @@ def main(argv):
         if FLAGS.verbose:
             raise
         _fail(e, _EXIT_WRITE)
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while saving
+    except KeyboardInterrupt:  # a KeyboardInterrupt raised by other code (SIGINT itself is handled above)
         if FLAGS.verbose:
             raise
         _fail("interrupted: stopped without saving; rerun the same command to resume from the last checkpoint", 130)

@@ -5,7 +5,9 @@ knobs)`` with the recipe of Appendix C (:mod:`anodev2_jax.optim`; batch 256, sta
 augmentation on the device) and returns the summary it writes to ``workdir/summary.json``.
 ``train.py`` is a thin command-line wrapper around it. It reads top to bottom as
 :func:`prepare` (every check and the restore of the latest checkpoint; writes nothing) ->
-open the run directory -> epochs (:class:`Trainer`) -> summary. The pieces live beside it,
+the run directory's lock (one writer per run directory) -> open the run directory ->
+epochs (:class:`Trainer`) -> summary. A finished run (its ``summary.json`` beside its final
+checkpoint) is reported and left as it is: nothing is written, not even the lock. The pieces live beside it,
 one concern per module: :mod:`~anodev2_jax.run_config`, :mod:`~anodev2_jax.optim`,
 :mod:`~anodev2_jax.steps`, :mod:`~anodev2_jax.sharding`, :mod:`~anodev2_jax.rundir`,
 :mod:`~anodev2_jax.checkpoints`, :mod:`~anodev2_jax.stopping`, :mod:`~anodev2_jax.errors`.
@@ -27,8 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -40,12 +45,14 @@ import numpy as np
 
 from anodev2_jax import checkpoints, models, optim, rundir, run_config, sharding, steps, stopping
 from anodev2_jax import data as data_lib
-from anodev2_jax.errors import ConfigError, NonFiniteError, Preempted, WriteError
+from anodev2_jax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse, WorkdirMismatch, WriteError
 from anodev2_jax.run_config import RESUMABLE_FIELDS, default_workdir, validate_config
 from anodev2_jax.steps import TrainState
 
 __all__ = [
     "ConfigError",
+    "WorkdirInUse",
+    "WorkdirMismatch",
     "NonFiniteError",
     "Preempted",
     "WriteError",
@@ -113,7 +120,12 @@ class Plan:
     steps_per_epoch: int
     programs: steps.Programs
     num_params: int
-    restored: Optional[tuple[TrainState, dict[str, np.ndarray]]]  # the latest checkpoint's state and loop
+    snapshot: tuple  # rundir.snapshot of the workdir before it was read
+    finished: Optional[dict[str, Any]] = None  # the summary.json of a finished run (then nothing is restored)
+    restored: Optional[tuple[TrainState, dict[str, np.ndarray]]] = None  # the latest usable checkpoint's state and loop
+    restored_devices: Optional[int] = None  # the device count that wrote it (None: not recorded)
+    rejected: tuple[tuple[Path, str], ...] = ()  # newer checkpoints that cannot be used, and why
+    metrics: tuple[str, ...] = ()  # the lines of metrics.jsonl up to the restored step
 
     @property
     def num_devices(self) -> int:
@@ -127,16 +139,27 @@ class Plan:
     def ckpt_dir(self) -> Path:
         return self.workdir / checkpoints.CHECKPOINT_DIR
 
+    @property
+    def final_step(self) -> int:
+        return self.config.num_epochs * self.steps_per_epoch
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Plan:
-    """Every check of a run, then the restore of its latest checkpoint; nothing is created or written.
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, probe: bool = True) -> Plan:
+    """Every check of a run, then the restore of its latest usable checkpoint; nothing is created or written.
+
+    ``probe``: first ask whether another run holds the workdir's lock (False when this run
+    holds it and reads the directory again).
 
     Raises:
       ConfigError, anodev2_jax.data.DataError: one line naming the field, file or
         checkpoint and the fix (config fields, model and method knobs, devices, data, the
-        workdir's config, an unreadable or foreign checkpoint, no write permission).
+        workdir's config or metrics, a workdir another run holds, no usable checkpoint, no
+        write permission).
     """
     validate_config(config)
+    workdir = run_config.resolve_workdir(workdir)
+    if probe:
+        rundir.check_not_in_use(workdir)  # a busy workdir stops here, before data or checkpoints are read
     cfg = run_config.config_dict(config)
     model = steps.create_model(config)
     mesh = sharding.make_mesh()
@@ -151,6 +174,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Pl
     ds = data_lib.load_dataset(
         config.dataset, config.data_dir, num_train=config.num_train, num_test=config.num_test, seed=config.data_seed
     )
+    for name, split, have in (("num_train", "training", len(ds.y_train)), ("num_test", "test", len(ds.y_test))):
+        if config[name] is not None and have < config[name]:  # config.json would record images the run never had
+            raise ConfigError(
+                f"config.{name}={config[name]} exceeds the {have} {split} images of dataset {config.dataset!r}; "
+                f"lower --config.{name} to {have} or less, or leave it unset (all of them)"
+            )
     num_train = len(ds.y_train)
     steps_per_epoch = num_train // batch_size
     if steps_per_epoch < 1:
@@ -158,7 +187,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Pl
             f"config.batch_size={batch_size} exceeds the {num_train} training examples, so an epoch has no "
             "full batch; lower --config.batch_size or raise --config.num_train"
         )
-    workdir = Path(workdir)
+    if config.num_epochs * steps_per_epoch > run_config.MAX_SEED:  # the global step is int32
+        raise ConfigError(
+            f"config.num_epochs={config.num_epochs} makes {config.num_epochs * steps_per_epoch} steps, beyond int32; "
+            "lower --config.num_epochs"
+        )
+    snapshot = rundir.snapshot(workdir)
     rundir.check_workdir(workdir, cfg, steps_per_epoch)
     rundir.check_writable(workdir)
     seeds = [config.seed + i for i in range(config.num_seeds)]
@@ -168,28 +202,38 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Pl
     seeds_arr = sharding.put_global(np.asarray(seeds, np.int32), repl)
     plan = Plan(
         config, cfg, workdir, model, mesh, ds, seeds, seeds_arr, batch_size, eval_batch_size, steps_per_epoch,
-        progs, models.count_params(abstract_one.params), restored=None,
+        progs, models.count_params(abstract_one.params), snapshot,
     )  # fmt: skip
-    return dataclasses.replace(plan, restored=_restore(plan))
+    finished = rundir.finished_summary(workdir, plan.final_step)
+    if finished is not None:
+        return dataclasses.replace(plan, finished=finished)
+    restored = _restore(plan)
+    if restored is None:
+        return plan
+    state_and_loop, info = restored
+    metrics = rundir.read_metrics(workdir / rundir.METRICS_FILE, info.step)
+    return dataclasses.replace(
+        plan, restored=state_and_loop, restored_devices=info.num_devices, rejected=info.rejected, metrics=tuple(metrics)
+    )
 
 
-def _restore(plan: Plan) -> Optional[tuple[TrainState, dict[str, np.ndarray]]]:
-    """The state and loop accumulators of the latest checkpoint (None for a new run); writes nothing."""
+def _restore(plan: Plan) -> Optional[tuple[tuple[TrainState, dict[str, np.ndarray]], checkpoints.Restored]]:
+    """The state and loop accumulators of the latest usable checkpoint (None for a new run); writes nothing."""
     repl = sharding.replicated(plan.mesh)
     abstract = jax.eval_shape(plan.programs.init, plan.seeds_arr)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), _as_checkpoint(abstract))
     restored = checkpoints.restore_latest(plan.ckpt_dir, {**target, "loop": zero_loop(len(plan.seeds))})
     if restored is None:
         return None
-    ckpt_step, tree = restored
+    tree = dict(restored.tree)
     loop = {k: np.asarray(v) for k, v in tree.pop("loop").items()}
     state = TrainState(**tree)
-    if int(np.asarray(state.step)[0]) != ckpt_step:
+    if int(np.asarray(state.step)[0]) != restored.step:
         raise ConfigError(
-            f"checkpoint {plan.ckpt_dir / str(ckpt_step)} holds global step {int(np.asarray(state.step)[0])}, not "
-            f"{ckpt_step}: it was written by another version; pass a new --workdir"
+            f"checkpoint {plan.ckpt_dir / str(restored.step)} holds global step {int(np.asarray(state.step)[0])}, "
+            f"not {restored.step}: it was written by another version; pass a new --workdir"
         )
-    return state, loop
+    return (state, loop), restored
 
 
 def _as_checkpoint(state: TrainState) -> dict[str, Any]:
@@ -198,18 +242,42 @@ def _as_checkpoint(state: TrainState) -> dict[str, Any]:
 
 
 def open_run_directory(plan: Plan) -> checkpoints.Checkpointer:
-    """Creates the run directory with its ``config.json`` (process 0) and the checkpoint manager."""
+    """Writes ``config.json`` and a ``sessions.jsonl`` line, moves unusable checkpoints aside, opens the manager.
+
+    Process 0 writes; called with the run directory's lock held.
+    """
     sharding.sync_processes("anodev2_jax:workdir_checked")  # no process still reads config.json as process 0 writes it
     try:
         if plan.is_main:
             plan.workdir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(plan.cfg, indent=2, sort_keys=True) + "\n"
             rundir.write_text(plan.workdir / rundir.CONFIG_FILE, text)
+            resumed = plan.ckpt_dir / str(_restored_step(plan))
+            for path, why in plan.rejected:  # out of the way, so that the run can save those steps again
+                aside = checkpoints.set_aside(path)
+                warning = f"warning: checkpoint {path} {why}; resuming from {resumed} instead ({path} moved to {aside})"
+                rundir.say(warning, sys.stderr)
+            rundir.append_session(plan.workdir, _session(plan))
     except OSError as e:
         raise WriteError(
             e.filename or f"the run directory {plan.workdir}", e, checkpoints.last_checkpoint(plan.ckpt_dir)
         ) from e
+    sharding.sync_processes("anodev2_jax:workdir_open")  # every process lists the checkpoints left in place
     return checkpoints.Checkpointer(plan.ckpt_dir, plan.config.keep_checkpoints)
+
+
+def _session(plan: Plan) -> dict[str, Any]:
+    """The ``sessions.jsonl`` record of this start: where it resumed and what it ran on."""
+    return {
+        "start_step": _restored_step(plan),
+        "num_devices": plan.num_devices,
+        "num_processes": jax.process_count(),
+        "platform": plan.mesh.devices.flat[0].platform,
+        "jax": jax.__version__,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 class Trainer:
@@ -219,7 +287,8 @@ class Trainer:
     step's metrics are added there, no host sync per step), numpy in checkpoints.
     """
 
-    def __init__(self, plan: Plan, ckpt: checkpoints.Checkpointer, logger: rundir.MetricsLogger):
+    def __init__(self, plan: Plan, ckpt: checkpoints.Checkpointer, logger: Optional[rundir.MetricsLogger]):
+        """``logger`` may be None when there is nothing left to train (the restored checkpoint is final)."""
         self.plan, self.ckpt, self.logger = plan, ckpt, logger
         config = plan.config
         if plan.restored is None:
@@ -237,8 +306,24 @@ class Trainer:
         self.images_per_step = len(plan.seeds) * plan.batch_size
         self.train_time, self.train_images = 0.0, 0  # for images_per_s, without each session's first step
         self.last_train = {"train_loss": None, "train_accuracy": None}
+        self.logged_images_per_s: Optional[float] = None  # the last epoch record's, for a summary rebuilt below
+        if plan.restored is not None and self.start_step == plan.final_step:
+            self._last_epoch_from_metrics()
         self.test: Optional[tuple[np.ndarray, np.ndarray]] = None  # (loss, accuracy) per seed
         self.t_window = 0.0
+
+    def _last_epoch_from_metrics(self) -> None:
+        """The last epoch's train metrics from its metrics.jsonl records (the run stopped after its last checkpoint).
+
+        They are the numbers the uninterrupted run put in its summary (the same float64
+        values, written by the same json); the epoch's throughput stands in for the
+        session's, which died with it.
+        """
+        records = [json.loads(line) for line in self.plan.metrics]
+        last = {r.get("seed"): r for r in records if r.get("kind") == "epoch" and r.get("step") == self.start_step}
+        if all(s in last for s in self.plan.seeds):
+            self.last_train = {k: [last[s].get(k) for s in self.plan.seeds] for k in ("train_loss", "train_accuracy")}
+            self.logged_images_per_s = last[self.plan.seeds[0]].get("images_per_s")
 
     # ---- the host's view of the device-side flags and sums
 
@@ -251,7 +336,7 @@ class Trainer:
     def save(self, loop: dict[str, Any]) -> Path:
         """Checkpoint of the current step with ``loop`` as its accumulators (asynchronous; syncs ``loop``)."""
         loop = {k: np.asarray(jax.device_get(loop[k]), dtype) for k, dtype in _LOOP_DTYPES.items()}
-        return self.ckpt.save(self.step, {**_as_checkpoint(self.state), "loop": loop})
+        return self.ckpt.save(self.step, {**_as_checkpoint(self.state), "loop": loop}, self.plan.num_devices)
 
     def stop(self, signum: int, loop: dict[str, Any]) -> None:
         """Saves the current step (unless just saved), waits for it and raises :class:`Preempted`."""
@@ -394,7 +479,7 @@ def summarize(plan: Plan, trainer: Trainer, wall_time_s: float) -> dict[str, Any
         "resumed_from_step": trainer.start_step,
         "nonfinite_skipped": np.asarray(trainer.tally["skipped"]).tolist(),
         "wall_time_s": wall_time_s,
-        "images_per_s": trainer.train_images / trainer.train_time if trainer.train_time > 0 else None,
+        "images_per_s": (trainer.train_images / trainer.train_time) if trainer.train_time > 0 else trainer.logged_images_per_s,
         "ode": {k: getattr(ode_config, k) for k in run_config.KNOB_FIELDS},
         "config": plan.cfg,
     }
@@ -402,14 +487,46 @@ def summarize(plan: Plan, trainer: Trainer, wall_time_s: float) -> dict[str, Any
 
 def _print_header(plan: Plan, trainer: Trainer) -> None:
     config, resumed = plan.config, ""
-    if trainer.start_step:
-        where = f", step {trainer.start_i}/{plan.steps_per_epoch} of epoch {trainer.start_epoch + 1}" if trainer.start_i else ""
-        resumed = f" (resumed from step {trainer.start_step}{where})"
-    print(
-        f"{config.model} {config.method} seeds {plan.seeds}: {plan.num_params:,} params, {plan.num_devices} device(s), "
-        f"{plan.steps_per_epoch} steps/epoch, epochs {trainer.start_epoch + 1}..{config.num_epochs}, "
-        f"workdir {plan.workdir}" + resumed,
-        flush=True,
+    if trainer.start_step == plan.final_step:
+        rundir.say(
+            f"{config.model} {config.method} seeds {plan.seeds}: the last checkpoint "
+            f"{plan.ckpt_dir / str(trainer.start_step)} is final, but summary.json is missing or older (the run "
+            f"stopped after its last checkpoint): evaluating it and writing the summary, workdir {plan.workdir}"
+        )
+    else:
+        if trainer.start_step:
+            where = f", step {trainer.start_i}/{plan.steps_per_epoch} of epoch {trainer.start_epoch + 1}" if trainer.start_i else ""
+            resumed = f" (resumed from step {trainer.start_step}{where})"
+        rundir.say(
+            f"{config.model} {config.method} seeds {plan.seeds}: {plan.num_params:,} params, {plan.num_devices} device(s), "
+            f"{plan.steps_per_epoch} steps/epoch, epochs {trainer.start_epoch + 1}..{config.num_epochs}, "
+            f"workdir {plan.workdir}" + resumed
+        )
+    if plan.restored_devices is not None and plan.restored_devices != plan.num_devices:
+        rundir.say(
+            f"note: checkpoint {plan.ckpt_dir / str(trainer.start_step)} was written on {plan.restored_devices} "
+            f"device(s), this session has {plan.num_devices}: the run resumes, but not bitwise as it would on "
+            f"{plan.restored_devices} (the gradient all-reduce sums in another order)"
+        )
+    steps_z, steps_w = (getattr(plan.model.config, k, None) or 0 for k in ("steps_z", "steps_w"))
+    if max(steps_z, steps_w) > _MANY_STEPS and trainer.start_step < plan.final_step:
+        rundir.say(
+            f"note: steps_z={steps_z}, steps_w={steps_w}: every step is unrolled into the compiled program, so the "
+            "first step compiles for minutes"
+        )
+
+
+# Beyond this many ODE steps the header warns that compiling takes minutes (run_config.MAX_ODE_STEPS).
+_MANY_STEPS = 64
+
+
+def _print_finished(plan: Plan) -> None:
+    acc = 100 * np.asarray(plan.finished.get("test_accuracy") or [np.nan], np.float64)
+    rundir.say(
+        f"{plan.workdir} holds this run, finished (epoch {plan.config.num_epochs}/{plan.config.num_epochs}, step "
+        f"{plan.final_step}): test accuracy min {acc.min():.2f}% max {acc.max():.2f}% avg {acc.mean():.2f}%; nothing "
+        f"to do, every file left as it was (summary in {plan.workdir / rundir.SUMMARY_FILE}; a larger "
+        "--config.num_epochs trains on)"
     )
 
 
@@ -418,20 +535,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     Args:
       config: a ConfigDict with the fields of ``configs/default.py``.
-      workdir: run directory; created if new, resumed from its latest checkpoint if it
-        holds a run of a compatible config (:data:`RESUMABLE_FIELDS` may differ).
+      workdir: run directory; created if new, resumed from its latest usable checkpoint if
+        it holds a run of a compatible config (:data:`RESUMABLE_FIELDS` may differ); a
+        finished run of this config is left as it is.
 
     Returns:
       The summary written to ``workdir/summary.json``: ``test_accuracy`` and ``test_loss``
       (lists, one per seed), ``test_accuracy_min / max / avg``, ``num_params``,
       ``wall_time_s`` (this invocation), ``images_per_s`` (every replica's images, without
       each session's first, compiling, step), ``model``, ``method``, ``seeds``, ``config``...
+      For a finished run, the summary it wrote then.
 
     Raises:
       ConfigError, anodev2_jax.data.DataError: bad input (config, data, a workdir holding
-        another config, an unreadable checkpoint, no write permission), raised before
-        anything is written.
-      Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved.
+        another config or in use by another run, no usable checkpoint, no write
+        permission), raised before anything is written.
+      Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved (or,
+        after the last step, the run finished).
       NonFiniteError: ``config.nonfinite="stop"`` and a step was NaN / Inf; nothing newer
         than the last good checkpoint was written.
       WriteError: writing the run directory failed (disk full...); the checkpoints
@@ -439,17 +559,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed(config)
-    plan = prepare(config, workdir)  # writes nothing
+    sharding.check_backend()  # before StopSignals asks JAX for the process count
+    with stopping.StopSignals() as stop:  # until the lock, a signal ends the process at once: nothing is written yet
+        plan = prepare(config, workdir)  # writes nothing
+        if plan.finished is None:
+            lock, plan = _lock(plan, config)
+            try:
+                if plan.finished is None:
+                    stop.arm()  # from here on a signal saves a checkpoint and stops
+                    return _run(plan, stop, t_start)
+            finally:
+                lock.release()
+        if plan.is_main:
+            _print_finished(plan)
+        return plan.finished
+
+
+def _lock(plan: Plan, config: ml_collections.ConfigDict) -> tuple[rundir.RunLock, Plan]:
+    """The run directory's lock (process 0 takes it), and the plan made again if the directory changed meanwhile."""
+    lock, busy = rundir.RunLock(plan.workdir, active=plan.is_main), None
+    try:
+        lock.acquire()
+    except WorkdirInUse as e:
+        busy = e
+    except OSError as e:  # creating the workdir or its lock file
+        raise WriteError(e.filename or str(lock.path), e, checkpoints.last_checkpoint(plan.ckpt_dir)) from e
+    try:
+        changed = plan.is_main and busy is None and rundir.snapshot(plan.workdir) != plan.snapshot
+        is_busy, changed = sharding.process_0_says([busy is not None, changed])
+        if is_busy:
+            raise busy or ConfigError(
+                f"workdir {plan.workdir} is in use by another run (process 0 found its lock held); pass another --workdir"
+            )
+        if changed:  # another run wrote the directory between prepare's reading and the lock (it ended): read it again
+            plan = prepare(config, plan.workdir, probe=False)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, plan
+
+
+def _run(plan: Plan, stop: stopping.StopSignals, t_start: float) -> dict[str, Any]:
+    """Opens the run directory and trains the epochs left, then evaluates and writes the summary (lock held)."""
     ckpt = open_run_directory(plan)
     logger = None
     try:
-        logger = rundir.MetricsLogger(plan.workdir, plan.seeds, _restored_step(plan), plan.is_main)
+        if _restored_step(plan) < plan.final_step:  # a final checkpoint needs no logger (no empty TensorBoard file)
+            logger = rundir.MetricsLogger(plan.workdir, plan.seeds, plan.metrics, plan.is_main)
         trainer = Trainer(plan, ckpt, logger)
-        with stopping.StopSignals() as stop:
-            if plan.is_main:  # after the handlers are in place: a signal from here on saves a checkpoint
-                _print_header(plan, trainer)
-            for epoch in range(trainer.start_epoch, config.num_epochs):
-                trainer.train_epoch(epoch, stop)
+        if plan.is_main:
+            _print_header(plan, trainer)
+        for epoch in range(trainer.start_epoch, plan.config.num_epochs):
+            trainer.train_epoch(epoch, stop)
         trainer.final_test()
         ckpt.wait()
         summary = summarize(plan, trainer, time.perf_counter() - t_start)
@@ -464,12 +625,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         ckpt.close()
     if plan.is_main:
         acc = np.asarray(summary["test_accuracy"])
-        print(
+        rundir.say(
             f"test accuracy over {len(plan.seeds)} seed(s): min {100 * acc.min():.2f}% max {100 * acc.max():.2f}% "
-            f"avg {100 * acc.mean():.2f}% ({config.model} {config.method}; summary in "
-            f"{plan.workdir / rundir.SUMMARY_FILE})",
-            flush=True,
+            f"avg {100 * acc.mean():.2f}% ({plan.config.model} {plan.config.method}; summary in "
+            f"{plan.workdir / rundir.SUMMARY_FILE})"
         )
+    if stop.signum is not None:  # it came after the last step: the run finished anyway
+        raise Preempted(stop.signum, trainer.step, plan.ckpt_dir / str(trainer.step), plan.steps_per_epoch, finished=True)
     return summary
 
 

@@ -1,10 +1,11 @@
 """``python train.py`` in subprocesses: true exit codes and stderr for bad input, and one smoke run.
 
-Every bad input, tried as a new user would (a table of 21), must exit non-zero (2, or 4 for
+Every bad input, tried as a new user would (a table of 34), must exit non-zero (2, or 4 for
 a failed write) with ONE line on stderr naming the field (or cause) and the fix, without a
 traceback, and leave the workdir as it was: each case runs against a workdir that already
 holds a run (config.json, a checkpoint, metrics), hashed before and after. Kill / resume,
-signals and non-finite values are in ``test_reliability.py``.
+signals, concurrent runs, corrupt checkpoints and non-finite values are in
+``test_reliability.py``.
 """
 
 import hashlib
@@ -24,6 +25,8 @@ sys.path.insert(0, str(REPO))
 
 from configs import smoke  # noqa: E402
 
+from anodev2_jax import rundir  # noqa: E402
+
 
 # ``ulimit -f`` for train.py: a write past the limit fails in the kernel (EFBIG; CPython
 # ignores SIGXFSZ), for Python and tensorstore (orbax) alike, so it takes the path a full
@@ -40,12 +43,12 @@ def train_command(args, max_file_bytes=None):
     return command if max_file_bytes is None else [sys.executable, "-c", FILE_SIZE_LIMITED, str(max_file_bytes), *command[1:]]
 
 
-def run_train(args, *, devices=None, timeout=300, max_file_bytes=None):
+def run_train(args, *, devices=None, timeout=300, max_file_bytes=None, env=None):
     # Optimization level 0: XLA:CPU compiles ~5x faster (threefry above all); only speed changes.
     flags = ["--xla_backend_optimization_level=0"]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags), **(env or {})}
     return subprocess.run(
         train_command(args, max_file_bytes), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -108,12 +111,50 @@ def _read_only_workdir(tmp_path, run):
     return SMOKE
 
 
+def _config_file(text: str):
+    """A case's args: ``--config`` a file of ``text`` (written into the test's tmp_path)."""
+
+    def args(tmp_path, run):
+        path = tmp_path / "my_config.py"
+        path.write_text(text)
+        return ["--config", str(path)]
+
+    return args
+
+
+def _damaged_metrics(data: bytes):
+    """A case's args: the run's metrics.jsonl with ``data`` appended after its record."""
+
+    def args(tmp_path, run):
+        with (run / "metrics.jsonl").open("ab") as f:
+            f.write(data)
+        return SMOKE
+
+    return args
+
+
+def _metrics_folder(tmp_path, run):
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    return SMOKE
+
+
+_HELD: list = []  # locks a case holds while train.py runs (released by the test)
+
+
+def _workdir_in_use(tmp_path, run):
+    """The run's lock held by this test process, as a run in progress holds it."""
+    _HELD.append(rundir.RunLock(run).acquire())
+    return SMOKE
+
+
 class Case(NamedTuple):
     args: Any  # a list, or a function of (tmp_path, existing_run) making the input and giving the list
     words: list  # what the one line must hold
     devices: Optional[int] = None  # fake CPU devices
     status: int = 2
     max_file_bytes: Optional[int] = None  # `ulimit -f`
+    env: Optional[dict] = None  # environment variables for train.py
 
 
 SMOKE = ["--config", "configs/smoke.py"]
@@ -159,6 +200,38 @@ CASES = {
     "corrupt checkpoint": Case(SMOKE, ["checkpoints/3 cannot be restored", "corrupt", "new --workdir"]),
     "foreign checkpoint": Case(_foreign_checkpoint, ["checkpoints/3", "another model", "new --workdir"]),
     "workdir not writable": Case(_read_only_workdir, ["is not writable", "permissions", "another --workdir"]),
+    "config file with a syntax error": Case(
+        _config_file("def get_config(:\n"), ["my_config.py has a syntax error at line 1", "fix it"]
+    ),
+    "config file raising on import": Case(
+        _config_file("import os\nraise RuntimeError('no data here')\n"),
+        ["my_config.py raised RuntimeError at line 2", "no data here", "fix the file"],
+    ),
+    "config file without get_config": Case(_config_file("X = 1\n"), ["my_config.py has no get_config()", "ConfigDict"]),
+    "seed beyond int32": Case(
+        [*SMOKE, "--config.seed=3000000000"], ["config.seed=3000000000", "[0, 2147483647]", "--config.seed"]
+    ),
+    "steps_z in the hundred thousands": Case(
+        [*SMOKE, "--config.steps_z=100000"], ["config.steps_z=100000", "[1, 1000]", "unrolled", "--config.steps_z"]
+    ),
+    "JAX platform not installed": Case(
+        SMOKE, ["JAX_PLATFORMS='cuda'", "set JAX_PLATFORMS=cpu", "install"], env={"JAX_PLATFORMS": "cuda"}
+    ),
+    "empty workdir": Case([*SMOKE, "--workdir="], ["--workdir is empty", "--workdir=runs/"]),
+    "num_train beyond the data": Case(
+        _npz_args(), ["config.num_train=512 exceeds the 16 training images", "--config.num_train"]
+    ),
+    "metrics line not an object": Case(
+        _damaged_metrics(b"[1, 2]\n"), ["metrics.jsonl line 2 is not a JSON object", "delete that line"]
+    ),
+    "metrics step not an integer": Case(
+        _damaged_metrics(b'{"kind": "epoch", "step": 8.5}\n'), ["metrics.jsonl line 2", "integer \"step\""]
+    ),
+    "metrics not UTF-8": Case(_damaged_metrics(b"\xff\xfe\n"), ["metrics.jsonl line 2 is not UTF-8", "damaged"]),
+    "metrics.jsonl a folder": Case(_metrics_folder, ["metrics.jsonl is a folder", "move it out"]),
+    "workdir in use": Case(
+        _workdir_in_use, ["is in use by another run", f"PID {os.getpid()}", f"kill {os.getpid()}", "another --workdir"]
+    ),
     "disk full": Case(  # config.json (~700 bytes) is the first write
         lambda tmp, run: [*SMOKE, f"--workdir={tmp / 'new'}"],
         ["config.json failed: File too large", "free disk space", "rerun the same command"],
@@ -170,22 +243,25 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, existing_run, case):
     c = CASES[case]
-    args = c.args(tmp_path, existing_run) if callable(c.args) else c.args
-    if not any(a.startswith("--workdir") for a in args):
-        args = [*args, f"--workdir={existing_run}"]
-    before = tree_hash(existing_run)
     try:
-        proc = run_train(args, devices=c.devices, max_file_bytes=c.max_file_bytes)
+        args = c.args(tmp_path, existing_run) if callable(c.args) else c.args
+        if not any(a.startswith("--workdir") for a in args):
+            args = [*args, f"--workdir={existing_run}"]
+        before = tree_hash(existing_run)
+        proc = run_train(args, devices=c.devices, max_file_bytes=c.max_file_bytes, env=c.env)
+        after = tree_hash(existing_run)  # with the case's lock still held
     finally:
         for p in [existing_run, *existing_run.rglob("*")]:
             p.chmod(p.stat().st_mode | 0o200)
+        while _HELD:
+            _HELD.pop().release()
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == c.status, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     for word in c.words:
         assert word in lines[0], (word, lines[0])
-    assert tree_hash(existing_run) == before
+    assert after == before
 
 
 def test_verbose_shows_the_traceback(tmp_path):

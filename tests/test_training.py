@@ -6,6 +6,7 @@ the same setup share compiled programs (``steps.programs`` is cached), so the re
 and seed tests compile each program once.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -169,13 +170,31 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["num_epochs"] == 2
 
 
-def test_resume_of_a_finished_run_only_evaluates(tmp_path):
+def tree_hash(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
     config = tiny_config()
-    done = training.train_and_evaluate(config, tmp_path)
-    again = training.train_and_evaluate(config, tmp_path)
-    assert again["steps"] == done["steps"] == 2 and again["resumed_from_epoch"] == 1
-    assert again["test_accuracy"] == done["test_accuracy"]
-    assert len(read_metrics(tmp_path)) == 1
+    done = json.loads(json.dumps(training.train_and_evaluate(config, tmp_path)))
+    before = tree_hash(tmp_path)
+    for _ in range(2):
+        assert training.train_and_evaluate(config, tmp_path) == done  # the summary it wrote then
+        assert tree_hash(tmp_path) == before  # no file rewritten, none added (no TensorBoard file, no lock)
+    assert "holds this run, finished (epoch 1/1, step 2)" in capsys.readouterr().out
+
+    # Stopped after its last checkpoint, before summary.json: the rerun evaluates that checkpoint
+    # and writes the summary the run would have written (timings aside), adding no other file.
+    (tmp_path / "summary.json").unlink()
+    rebuilt = training.train_and_evaluate(config, tmp_path)
+    timing = ("wall_time_s", "images_per_s", "resumed_from_epoch", "resumed_from_step")
+    assert {k: v for k, v in rebuilt.items() if k not in timing} == {k: v for k, v in done.items() if k not in timing}
+    assert rebuilt["images_per_s"] == read_metrics(tmp_path)[-1]["images_per_s"]  # the last epoch's, as logged
+    after = tree_hash(tmp_path)
+    assert sorted(after) == sorted(before)
+    assert {k: v for k, v in after.items() if k not in ("summary.json", "sessions.jsonl")} == {
+        k: v for k, v in before.items() if k not in ("summary.json", "sessions.jsonl")
+    }
 
 
 # ----------------------------------------------------------------------------- validation in process

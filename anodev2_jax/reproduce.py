@@ -34,7 +34,11 @@ Decisions (where the issue is silent):
   config (every field except where the data lives and how often to log / evaluate /
   checkpoint) is not trained again. Any other existing run directory is handed to
   ``train_and_evaluate``, which resumes it from its latest checkpoint (or extends it when
-  only ``num_epochs`` grew) or refuses a different config with an error naming the fix.
+  only ``num_epochs`` grew). A run directory holding a different config is refused before
+  anything trains, with the fix in this command's flags (train.py's ``--config.FIELD`` is
+  none of them). That includes a finished short run asked for more ``--epochs``: the
+  shortened schedule scales the learning-rate boundaries, so another ``--epochs`` is
+  another schedule, not an extension.
 * **Improvements** are differences of percentages, field by field (min - min, max - max,
   avg - avg), as in the paper's "Imp." rows; Table 4 also gets the paper's ANODEV2 vs
   ANODE comparison.
@@ -404,6 +408,30 @@ def is_done(workdir: str | Path, config) -> bool:
     return all(stored.get(k) == wanted.get(k) for k in keys)
 
 
+# The flag of this command that sets each config field (train.py's --config.FIELD is none of them).
+_FLAGS = {
+    "num_epochs": "--epochs", "lr_boundaries_epochs": "--epochs", "dataset": "--dataset", "num_seeds": "--num-seeds",
+    "seed": "--seed", "num_train": "--num-train", "num_test": "--num-test", "batch_size": "--batch-size",
+    "learning_rate": "--learning-rate",
+}  # fmt: skip
+
+
+def _mismatch_text(e) -> str:
+    """A :class:`anodev2_jax.errors.WorkdirMismatch` in this command's terms."""
+    flag = _FLAGS.get(e.field)
+    why = (
+        " (--epochs shortens the schedule by scaling its learning-rate boundaries, so a run of another --epochs "
+        "has another schedule and cannot be extended)"
+        if e.field == "lr_boundaries_epochs"
+        else ""
+    )
+    same = f"rerun with the {flag} that run was made with, or " if flag else ""
+    return (
+        f"{e.workdir} holds a run with {e.field}={e.stored!r}, this sweep asks for {e.field}={e.wanted!r}{why}; "
+        f"{same}pass another --workdir (or delete {e.workdir}) to train it anew"
+    )
+
+
 def _knob_overrides(config) -> dict[str, Any]:
     from anodev2_jax import models as models_lib
 
@@ -482,17 +510,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods = methods_for(tables)
 
     from anodev2_jax import data as data_lib
-    from anodev2_jax import steps, training
+    from anodev2_jax import rundir, run_config, steps, training
 
     try:
-        # Every config is built and validated before anything trains.
+        # Every config is built and validated, and checked against its run directory, before anything trains.
         runs = []
         for model in models:
             for method in methods:
                 config = make_config(model, method, overrides)
                 training.validate_config(config)
                 steps.create_model(config)
-                runs.append((model, method, config, run_dir(root, model, method)))
+                workdir = run_dir(root, model, method)
+                if not args.report_only and workdir.is_dir() and not is_done(workdir, config):
+                    rundir.check_workdir(workdir, run_config.config_dict(config))
+                runs.append((model, method, config, workdir))
         knobs = _knob_overrides(runs[0][2])
         if not args.report_only:
             for i, (model, method, config, workdir) in enumerate(runs, start=1):
@@ -503,6 +534,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{tag}: training {config.num_seeds} seed(s) for {config.num_epochs} epoch(s) in {workdir}", flush=True)
                 training.train_and_evaluate(config, workdir)
         text = report(root, models, tables, compute_missing_params=knobs)
+    except training.WorkdirMismatch as e:
+        print(f"error: {_mismatch_text(e)}", file=sys.stderr)
+        return 2
     except (training.ConfigError, data_lib.DataError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -233,4 +233,13 @@ def test_end_to_end_table2_synthetic(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped") == 2 and "training" not in out
     assert (tmp_path / "results.md").read_text() == text
+
+    # More --epochs for the finished short runs: another (scaled) schedule, refused before
+    # anything trains, with the fix in this command's flags (train.py's --config.X is none).
+    longer = [*args]
+    longer[longer.index("--epochs") + 1] = "2"
+    assert reproduce.main(longer) == 2
+    err = capsys.readouterr().err
+    assert "lr_boundaries_epochs=[]" in err and "rerun with the --epochs that run was made with" in err, err
+    assert "--config." not in err and "\n" not in err.strip()
     print(f"end-to-end first run: {elapsed:.1f} s")

@@ -70,7 +70,7 @@ def _config_file_error(e: BaseException, path: str | None) -> str | None:
         return None
     full = os.path.abspath(path)
     if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == full:
-        return f"config file {path} has a syntax error at line {e.lineno} ({e.msg}); fix it, e.g. as python -m py_compile {path} shows"
+        return f"config file {path} has a syntax error at line {e.lineno} ({e.msg}); fix it (python -m py_compile {path})"
     if isinstance(e, AttributeError) and "'get_config'" in str(e):
         return (
             f"config file {path} has no get_config(); define get_config(arg=None) returning an "
@@ -111,8 +111,10 @@ def _parse_flags(argv):
             raise
         message = _config_file_error(e, path)
         if message is None and isinstance(e, AttributeError) and path:
-            message = f"config file {path}: get_config() returned {type(FLAGS.config).__name__}, not an ml_collections.ConfigDict; return one"
-        _fail(message or f"cannot load --config ({type(e).__name__}: {e}); pass an existing config file, e.g. configs/smoke.py")
+            got = type(FLAGS.config).__name__
+            message = f"config file {path}: get_config() returned {got}, not an ml_collections.ConfigDict; return one"
+        message = message or f"cannot load --config ({type(e).__name__}: {e})"
+        _fail(f"{message}; pass an existing config file, e.g. configs/smoke.py" if message.startswith("cannot") else message)
     return rest
 
 
@@ -123,10 +125,9 @@ def _quiet_checkpoint_errors() -> None:
     other pending writes ("exception was never retrieved", at exit), tensorstore's
     callbacks into the event loop orbax has already closed print "Event loop is closed"
     tracebacks as unraisable exceptions, and orbax's reads abandoned after a failed restore
-    print "Exception ignored in: <coroutine ...>" and "coroutine ... was never awaited";
-    all are hidden here (orbax's and asyncio's log
-    lines altogether: nothing else here uses asyncio, and orbax's failures reach the user
-    as training errors).
+    print "Exception ignored in: <coroutine ...>" and "coroutine ... was never awaited"; all
+    are hidden here (orbax's and asyncio's log lines altogether: nothing else here uses
+    asyncio, and orbax's failures reach the user as training errors).
     """
     logging.get_absl_logger().addFilter(lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
@@ -141,20 +142,25 @@ def _quiet_checkpoint_errors() -> None:
     sys.unraisablehook = hook
 
 
-def _interrupted(signum, frame):
-    """Ctrl-C where the run installs no handler of its own (start-up, or on the way out after a stop): end at once.
+def _stopped(signum, frame):
+    """A stop signal where the run has no handler of its own (start-up, or on the way out after a stop): end at once.
 
     ``os._exit`` rather than ``KeyboardInterrupt``: nothing of the run is in flight then, and an
     exception unwinding into interpreter shutdown while orbax's threads run can crash it
     (see ``anodev2_jax.stopping.StopSignals``).
     """
     with contextlib.suppress(OSError):
-        os.write(2, b"received SIGINT: stopped at once; rerun the same command to resume from the last complete checkpoint\n")
+        name = signal.Signals(signum).name
+        os.write(2, f"received {name}: stopped at once; rerun the same command to resume (from the last checkpoint)\n".encode())
     os._exit(128 + signum)
 
 
 def main(argv):
-    signal.signal(signal.SIGINT, _interrupted)  # train_and_evaluate installs its own while it runs
+    # train_and_evaluate installs its own handlers while it runs. With several processes JAX's
+    # preemption notifier takes SIGTERM: leave it alone there.
+    signal.signal(signal.SIGINT, _stopped)
+    if FLAGS.config.get("distributed") is not True:
+        signal.signal(signal.SIGTERM, _stopped)
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass options as --flag=value")
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)

@@ -7,10 +7,11 @@ augmentation on the device) and returns the summary it writes to ``workdir/summa
 :func:`prepare` (every check and the restore of the latest checkpoint; writes nothing) ->
 the run directory's lock (one writer per run directory) -> open the run directory ->
 epochs (:class:`Trainer`) -> summary. A finished run (its ``summary.json`` beside its final
-checkpoint) is reported and left as it is: nothing is written, not even the lock. The pieces live beside it,
-one concern per module: :mod:`~anodev2_jax.run_config`, :mod:`~anodev2_jax.optim`,
-:mod:`~anodev2_jax.steps`, :mod:`~anodev2_jax.sharding`, :mod:`~anodev2_jax.rundir`,
-:mod:`~anodev2_jax.checkpoints`, :mod:`~anodev2_jax.stopping`, :mod:`~anodev2_jax.errors`.
+checkpoint) is reported and left as it is: nothing is written, not even the lock. The
+pieces live beside it, one concern per module: :mod:`~anodev2_jax.run_config`,
+:mod:`~anodev2_jax.optim`, :mod:`~anodev2_jax.steps`, :mod:`~anodev2_jax.sharding`,
+:mod:`~anodev2_jax.rundir`, :mod:`~anodev2_jax.checkpoints`, :mod:`~anodev2_jax.stopping`,
+:mod:`~anodev2_jax.errors`.
 
 Determinism: on CPU, training is bitwise deterministic for a fixed config and seed: every
 random choice derives from (seed, epoch, step), XLA:CPU runs the same program in the same

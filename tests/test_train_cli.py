@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -262,6 +264,22 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, existing_run, case):
     for word in c.words:
         assert word in lines[0], (word, lines[0])
     assert after == before
+
+
+def test_a_stop_signal_before_anything_is_written_ends_at_once(existing_run):
+    """SIGTERM while train.py starts (imports, data, checkpoint): one line, 143, the workdir untouched."""
+    before = tree_hash(existing_run)
+    flags = "--xla_backend_optimization_level=0"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    proc = subprocess.Popen(
+        train_command([*SMOKE, f"--workdir={existing_run}"]), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.0)  # train.py's own handler is in by now (its imports take ~0.2 s)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and err.startswith("received SIGTERM"), err
+    assert tree_hash(existing_run) == before
 
 
 def test_verbose_shows_the_traceback(tmp_path):

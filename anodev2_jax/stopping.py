@@ -1,8 +1,8 @@
 """Stopping a run: stop signals (SIGTERM from a scheduler, SIGINT from Ctrl-C) and non-finite steps.
 
 A stop signal during the training loop is only recorded; the loop finishes the current
-step, saves a checkpoint at that step (and waits for it) and raises
-:class:`anodev2_jax.errors.Preempted`. A non-finite step (NaN / Inf loss, gradients or
+call (``config.steps_per_call`` steps), saves a checkpoint at its last step (and waits for
+it) and raises :class:`anodev2_jax.errors.Preempted`. A non-finite step (NaN / Inf loss, gradients or
 update) is flagged on the device; the host reads the flags only where it syncs anyway and
 then stops (:class:`anodev2_jax.errors.NonFiniteError`) or counts the skipped steps.
 """
@@ -25,9 +25,9 @@ __all__ = ["StopSignals", "FiniteFlags"]
 class StopSignals:
     """SIGTERM / SIGINT during the training loop: the first is recorded (the loop saves and stops), a second aborts.
 
-    The loop asks :meth:`requested` after every step; on a first signal it finishes the
-    current step, saves a checkpoint at that step (and waits for it), restores the previous
-    handlers and raises ``Preempted`` naming the signal, step and checkpoint; ``train.py``
+    The loop asks :meth:`requested` after every call (``steps_per_call`` steps; one on CPU); on
+    a first signal it finishes the current call, saves a checkpoint at its last step (and
+    waits for it), restores the previous handlers and raises ``Preempted`` naming the signal, step and checkpoint; ``train.py``
     prints that line and exits with ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), and
     rerunning the same command resumes. A second signal aborts at once (``KeyboardInterrupt``,
     nothing saved; the previous checkpoint stays valid). A signal arriving during the last
@@ -70,7 +70,7 @@ class StopSignals:
         self.signum = signum
 
     def requested(self, step: int) -> bool:
-        """Whether to save and stop after ``step`` (called by every process after every step)."""
+        """Whether to save and stop after ``step`` (called by every process after every call)."""
         if self.signum is None and self._multiprocess:
             from jax.experimental import multihost_utils
 

@@ -33,7 +33,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ import numpy as np
 
 from anodev2_jax import checkpoints, engine, models, optim, rundir, run_config, sharding, steps, stopping
 from anodev2_jax import data as data_lib
+from anodev2_jax.engine import epoch_indices
 from anodev2_jax.errors import ConfigError, NonFiniteError, Preempted, WriteError
 from anodev2_jax.run_config import RESUMABLE_FIELDS, default_workdir, validate_config
 from anodev2_jax.steps import TrainState
@@ -63,18 +64,6 @@ __all__ = [
     "Trainer",
     "train_and_evaluate",
 ]
-
-
-def epoch_indices(num_train: int, batch_size: int, seeds: Sequence[int], epoch: int):
-    """Index batches ``(num_seeds, batch)`` of epoch ``epoch`` (0-based): each seed its own order.
-
-    Seed ``s``'s order is ``numpy.random.default_rng([s, epoch])``'s permutation: nothing
-    random lives outside (seed, epoch, step), which is what makes resuming exact. The last
-    partial batch of an epoch is dropped (one compiled shape).
-    """
-    streams = [data_lib.epoch_batches(num_train, batch_size, np.random.default_rng([s, epoch])) for s in seeds]
-    for idx in zip(*streams):
-        yield np.stack(idx)
 
 
 # The loop's per-seed accumulators, saved with every checkpoint as "loop": float32 sums of the
@@ -319,6 +308,8 @@ class Trainer:
                     self.fold(epoch)
                 self.count_skipped()  # never save an unchecked state
                 self.stop(stop.signum, self.tally)
+        if epoch + 1 < plan.config.num_epochs:  # host work while the device runs the last call
+            self.engine.prefetch(epoch + 1)
         with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
             self.fold(epoch)
         self.end_epoch(epoch, first, t_epoch, first_call_done, stop)

@@ -1,55 +1,14 @@
 """Where an epoch runs: the data resident on the devices and ``steps_per_call`` steps per jitted call.
 
-:class:`DeviceEngine` (the default whenever the data fits) places the training and test
-splits (uint8 images, int32 labels) on every device once per run, replicated, and the
-epoch's index array once per epoch; each call then runs ``steps_per_call`` optimizer
-steps (:func:`anodev2_jax.steps.make_train_call`: a ``lax.scan`` whose steps gather their
-batches on the device) with no host work and no host-device transfer in between, and
-evaluation runs the test split the same way (:func:`~anodev2_jax.steps.make_eval_call`).
-:class:`HostEngine` is the per-step path of before: batches gathered on the host and copied
-to the devices every step. It is used when the dataset does not fit the devices
-(:func:`anodev2_jax.sharding.fits_on_devices`), with ``steps_per_call = 1``.
-
-Decisions:
-
-* **The epoch's order is computed on the host and placed on the device.** The issue asks
-  for "the per-epoch permutation computed on the device from the run's key"; the data
-  order of every existing run is numpy's ``default_rng([seed, epoch]).permutation``
-  (:func:`epoch_indices`), which the committed pre-layout run
-  (``tests/test_checkpoints.py``) and every user's resumed run depend on, and no JAX PRNG
-  reproduces it. So the host computes the epoch's index array ``(num_seeds,
-  steps_per_epoch, batch)`` int32 once per epoch (milliseconds, ~1 MB for CIFAR-10 x 5
-  seeds) and places it on the devices explicitly, sharded along its batch axis; inside a
-  call each step reads its row from the state's step counter. Nothing per step crosses
-  the host-device boundary; the augmentation keys were already derived on the device
-  from (seed, step). Every process computes the same indices, as before.
-* **Call lengths.** ``steps_per_call = 0`` (automatic) means the whole epoch on GPU / TPU
-  and 1 on CPU, where a convolution inside a loop runs several times slower than
-  unrolled (jax-ml/jax#12868; measured here on a ResNet-4 step at batch 256: 3-4x, see
-  ``benchmarks/host_overhead.py``). Calls are aligned on the epoch: they end at multiples
-  of ``steps_per_call`` and at the epoch's end, so one run needs at most two programs per
-  epoch length (and a third after a resume with another ``steps_per_call``). Larger
-  values are capped at the epoch. Logging windows need not end at a call boundary: a call
-  returns its per-step metrics (three ``(steps, num_seeds)`` arrays) and the host folds
-  them into the loop's sums step by step, in order (``training.Trainer``), so the records,
-  sums and checkpoints are those of the per-step loop. Calls that stopped at every log
-  boundary would need up to ~40 distinct program lengths at CIFAR-10's 195 steps per epoch
-  and ``log_every_steps=100``.
-* **Stops act at call boundaries.** A stop signal waits for the running call, so at most
-  one call (with whole-epoch calls, one epoch: about a second for ResNet-4 on an H100,
-  minutes on a CPU, hence 1 there); checkpoints, non-finite checks and records happen at
-  call boundaries only.
-* **When the data does not fit** (its replicated bytes exceed
-  :data:`~anodev2_jax.sharding.DEVICE_DATA_FRACTION` of a device's memory) the automatic
-  choice is the host path; an explicit ``steps_per_call > 1`` is refused before any work.
-  CIFAR-10 takes 180 MB per device.
-* **Bitwise equality.** On XLA:CPU at its default optimization level, a step inside the
-  scan computes exactly what the standalone step computes (checked for ResNet-4 baseline,
-  configurations 1 and 2, batch 8 to 256): results do not depend on ``steps_per_call``.
-  At ``--xla_backend_optimization_level=0`` (the test suite's compile-speed setting)
-  XLA:CPU compiles the transposed (input-gradient) convolution inside a loop differently
-  and results differ by round-off from the first step; ``tests/test_engine.py`` therefore
-  compares in a subprocess at the default level.
+:class:`DeviceEngine` (whenever the data fits) places the training and test splits on every
+device once per run and each epoch's index array once per epoch; a call then runs
+``steps_per_call`` optimizer steps (:func:`anodev2_jax.steps.make_train_call`, one
+``lax.scan`` whose steps gather their batches on the device) with no host work and no
+host-device transfer in between; evaluation likewise. "The per-epoch permutation on the
+device" is realised as the host's numpy permutation placed on the device once per epoch
+(:func:`epoch_index_array` says why). :class:`HostEngine` is the per-step path of before
+(batches gathered on the host), used when the data does not fit. Results do not depend on
+``steps_per_call`` (:class:`DeviceEngine`'s docstring says how far that holds).
 """
 
 from __future__ import annotations
@@ -82,8 +41,15 @@ def dataset_bytes(ds: data_lib.Dataset) -> int:
 def resolve_steps_per_call(requested: int, steps_per_epoch: int, fits: bool, backend: str) -> int:
     """``config.steps_per_call`` resolved: 0 is the whole epoch on GPU / TPU and 1 on CPU (or when the data does not fit).
 
-    Capped at ``steps_per_epoch``. Raises :class:`ConfigError` for ``requested > 1`` when
-    the data does not fit on the devices.
+    Why 1 on CPU: a convolution inside a loop runs several times slower than unrolled on
+    XLA:CPU (jax-ml/jax#12868): a ResNet-4 step inside the scan measured 3.5x slower for
+    configuration 1 at batch 256, 4.0x for the baseline at 256 and 4.9x at batch 32
+    (``benchmarks/host_overhead.py``). Larger values are capped at the epoch: a stop signal
+    waits for the running call, so at most one epoch (well under a second for ResNet-4 on
+    an H100 if the targets hold; minutes on a CPU). Data that does not fit (its replicated
+    bytes above :data:`~anodev2_jax.sharding.DEVICE_DATA_FRACTION` of a device's memory;
+    CIFAR-10 takes 180 MB) takes the host path: automatically for 0, and ``requested > 1``
+    raises :class:`ConfigError` before any work.
     """
     if requested == 0:
         return steps_per_epoch if fits and backend != "cpu" else 1
@@ -97,7 +63,15 @@ def resolve_steps_per_call(requested: int, steps_per_epoch: int, fits: bool, bac
 
 
 def call_lengths(first: int, steps_per_epoch: int, steps_per_call: int) -> list[int]:
-    """The lengths of an epoch's calls from in-epoch position ``first``: ending at multiples of ``steps_per_call`` and at the epoch's end."""
+    """The lengths of an epoch's calls from in-epoch position ``first``: ending at multiples of ``steps_per_call`` and at the epoch's end.
+
+    So a run compiles at most two lengths per epoch length (three after a resume with
+    another ``steps_per_call``). Calls do not stop at ``log_every_steps`` boundaries: a
+    call returns its per-step metrics and ``training.Trainer.fold`` writes the records in
+    step order, so records, sums and checkpoints are those of one step per call (calls
+    ending at log boundaries would need up to ~40 program lengths at CIFAR-10's 195 steps
+    per epoch and ``log_every_steps=100``).
+    """
     lengths, i = [], first
     while i < steps_per_epoch:
         n = min(steps_per_call - i % steps_per_call, steps_per_epoch - i)
@@ -119,7 +93,18 @@ def epoch_indices(num_train: int, batch_size: int, seeds: Sequence[int], epoch: 
 
 
 def epoch_index_array(num_train: int, batch_size: int, seeds: Sequence[int], epoch: int) -> np.ndarray:
-    """All of :func:`epoch_indices` as one int32 array ``(num_seeds, steps_per_epoch, batch)``: row ``[:, i]`` is batch ``i``."""
+    """All of :func:`epoch_indices` as one int32 array ``(num_seeds, steps_per_epoch, batch)``: row ``[:, i]`` is batch ``i``.
+
+    This is how the engine's "per-epoch permutation on the device" is realised: the data
+    order of every existing run is numpy's ``default_rng([seed, epoch]).permutation``,
+    which the committed pre-layout run (``tests/test_checkpoints.py``) and every user's
+    resumed run depend on and no JAX PRNG reproduces. So the host computes this array once
+    per epoch (9 ms and 1 MB for CIFAR-10 x 5 seeds, while the device runs the previous
+    epoch's last call) and places it on the devices explicitly, sharded along its batch
+    axis; inside a call each step reads its row from the state's step counter. Nothing
+    per step crosses the host-device boundary (the augmentation keys already came from
+    (seed, step) on the device), and every process computes the same array, as before.
+    """
     return np.stack(list(epoch_indices(num_train, batch_size, seeds, epoch)), axis=1).astype(np.int32)
 
 
@@ -129,6 +114,16 @@ class DeviceEngine:
     Created once per run; places both splits (replicated) and the evaluation index and
     mask arrays (sharded along the batch axis), then :meth:`begin_epoch` places each
     epoch's index array. :meth:`train` and :meth:`evaluate` transfer nothing.
+
+    Bitwise equality: on XLA:CPU at its default optimization level a step inside the scan
+    computes exactly what the standalone step computes (checked for ResNet-4 baseline,
+    configurations 1 and 2, batch 8 to 256), so results do not depend on ``steps_per_call``
+    and it may change on resume. At ``--xla_backend_optimization_level=0`` (the test
+    suite's compile-speed setting) XLA:CPU compiles the transposed (input-gradient)
+    convolution inside a loop differently and results differ by round-off from the first
+    step; ``tests/test_engine.py`` therefore compares in a subprocess at the default level.
+    A resume with the same ``steps_per_call`` is bitwise at any level (stops and
+    checkpoints fall on call boundaries, so the resumed calls are the same).
     """
 
     def __init__(self, programs: steps.Programs, mesh, ds: data_lib.Dataset, seeds, batch_size: int,

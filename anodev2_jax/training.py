@@ -17,8 +17,8 @@ order, and so a run killed (even with SIGKILL) and resumed any number of times e
 exactly the params, optimizer state and metrics (timings aside) of an uninterrupted one
 (``tests/test_reliability.py``). It needs the same jax/jaxlib version, XLA flags and device
 count (the gradient all-reduce sums in device order); ``steps_per_call`` may differ at
-XLA:CPU's default optimization level (:mod:`~anodev2_jax.engine`). On GPU this does **not** hold by
-default: XLA:GPU reductions and scatters may use atomics (the order of float additions
+XLA:CPU's default optimization level (:mod:`~anodev2_jax.engine`). On GPU this does **not**
+hold by default: XLA:GPU reductions and scatters may use atomics (the order of float additions
 varies run to run) and cuDNN / cuBLAS autotuning may choose different algorithms, so runs
 differ by round-off that training amplifies; ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``
 (with ``--xla_gpu_autotune_level=0`` for fixed algorithm choice) makes them reproducible at

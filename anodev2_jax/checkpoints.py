@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from anodev2_jax.errors import ConfigError, WriteError, os_error_text
+from anodev2_jax.errors import ConfigError, WriteError
 
 __all__ = [
     "CHECKPOINT_DIR",

@@ -2,7 +2,8 @@
 
 Host side, :func:`load_dataset` returns a :class:`Dataset` of numpy arrays (uint8 NHWC images,
 int32 labels) from one of four sources, and :func:`epoch_batches` / :func:`eval_batches`
-yield index batches that the training loop gathers with ``x[idx], y[idx]``. Device side,
+yield index batches that the training loop gathers with ``x[idx], y[idx]`` (on the host, or
+on the devices with :func:`gather_rows` when the splits are resident there). Device side,
 :func:`augment`, :func:`normalize`, :func:`preprocess_train` and :func:`preprocess_eval` are
 pure, jittable functions meant to run inside the jitted train / eval step.
 
@@ -68,8 +69,10 @@ __all__ = [
     "augment",
     "preprocess_train",
     "preprocess_eval",
+    "gather_rows",
     "epoch_batches",
     "eval_batches",
+    "eval_index_array",
     "tensorflow_installed",
 ]
 
@@ -493,6 +496,16 @@ def preprocess_eval(images_uint8: Shaped[ArrayLike, "n h w 3"]) -> Float[Array, 
     return normalize(images_uint8)
 
 
+def gather_rows(x: Shaped[Array, "n *rest"], idx: Integer[Array, "*batch"]) -> Shaped[Array, "*batch *rest"]:
+    """``x[idx]``: the rows of a device-resident split picked by an index array (jittable).
+
+    Inside a jitted step, with ``x`` replicated and ``idx`` sharded along its batch axis,
+    every device gathers only its own rows. The indices are in range by construction
+    (:func:`epoch_batches`, :func:`eval_batches`), so the gather is told so: no clamping.
+    """
+    return jnp.asarray(x).at[idx].get(mode="promise_in_bounds")
+
+
 # ------------------------------------------------------------------------ host batching
 
 
@@ -550,3 +563,15 @@ def eval_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarra
         valid = min(batch_size, num_examples - start)
         idx[:valid] = np.arange(start, start + valid, dtype=np.int64)
         yield idx, valid
+
+
+def eval_index_array(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All of :func:`eval_batches` as two arrays: int32 indices and bool masks, ``(num_batches, batch_size)``.
+
+    Row ``b`` is batch ``b`` (padded with index 0); ``mask[b, j]`` says whether slot ``j``
+    is a real example. Placed on the devices once per run for on-device evaluation.
+    """
+    batches = list(eval_batches(num_examples, batch_size))
+    idx = np.stack([i for i, _ in batches]).astype(np.int32)
+    mask = np.stack([np.arange(batch_size) < valid for _, valid in batches])
+    return idx, mask

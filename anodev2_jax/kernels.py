@@ -71,6 +71,8 @@ def kernel_grad(x, g, kernel_shape, strides, padding, pre=None):
     hp = x.shape[1] + padding[0][0] + padding[0][1]
     hspan, wspan = sh * (ho - 1) + 1, sw * (wo - 1) + 1
     contract_rows = (((0,), (0,)), ((), ()))
+    acc = jnp.result_type(x, g)
+    acc = jnp.float32 if jnp.finfo(acc).bits < 32 else acc  # bfloat16 inputs: float32 sums
     cols_size = hp * wo * (kw * cin + kh * cout)  # floats per image
     patches_size = ho * wo * kh * kw * cin
     use_cols = cols_size < patches_size
@@ -85,11 +87,11 @@ def kernel_grad(x, g, kernel_shape, strides, padding, pre=None):
                 [jax.lax.pad(g, zero, ((0, 0, 0), (i, hp - i - hspan, sh - 1), (0, 0, 0), (0, 0, 0))) for i in range(kh)],
                 axis=-1,
             )
-            m = jax.lax.dot_general(xs.reshape((-1, kw * cin)), gs.reshape((-1, kh * cout)), contract_rows)
+            m = jax.lax.dot_general(xs.reshape((-1, kw * cin)), gs.reshape((-1, kh * cout)), contract_rows, preferred_element_type=acc)
             return m.reshape((kw, cin, kh, cout)).transpose((2, 0, 1, 3))
         cols = [xp[:, i: i + hspan: sh, j: j + wspan: sw, :] for i in range(kh) for j in range(kw)]
         patches = jnp.concatenate(cols, axis=-1).reshape((-1, kh * kw * cin))
-        m = jax.lax.dot_general(patches, g.reshape((-1, cout)), contract_rows)
+        m = jax.lax.dot_general(patches, g.reshape((-1, cout)), contract_rows, preferred_element_type=acc)
         return m.reshape((kh, kw, cin, cout))
 
     per_image = (cols_size if use_cols else patches_size) * x.dtype.itemsize
@@ -101,7 +103,7 @@ def kernel_grad(x, g, kernel_shape, strides, padding, pre=None):
         return acc + chunk_grad(*xg), None
 
     split = lambda a: a.reshape((n // chunk, chunk) + a.shape[1:])  # noqa: E731
-    init = jnp.zeros((kh, kw, cin, cout), jnp.result_type(x, g))
+    init = jnp.zeros((kh, kw, cin, cout), acc)
     return jax.lax.scan(body, init, (split(x), split(g)))[0]
 
 
@@ -142,7 +144,7 @@ def conv_kernel_grad(x, g, kernel, strides, padding, pre=None):
     # CPU only: GPU/TPU convolution libraries compute the kernel gradient well, and a scan
     # of small products would serialize them there.
     dw = jax.lax.platform_dependent(
-        x, g, cpu=lambda x, g: kernel_grad(x, g, kernel.shape[:2], strides, padding, pre), default=autodiff
+        x, g, cpu=lambda x, g: kernel_grad(x, g, kernel.shape[:2], strides, padding, pre).astype(kernel.dtype), default=autodiff
     )
     return dw.astype(kernel.dtype)
 

@@ -56,7 +56,13 @@ def _conv(x, kernel, bias=None):
 
 
 def batch_norm(x, p, train: bool):
-    """BatchNorm over axes (0, 1, 2): batch moments (biased variance) in train mode, ``p``'s running ones otherwise."""
+    """BatchNorm over axes (0, 1, 2): batch moments (biased variance) in train mode, ``p``'s running ones otherwise.
+
+    Computed in the dtype of ``p`` (the params'): bfloat16 activations are normalized in
+    float32 and the result cast back; the moments returned are in the params' dtype.
+    """
+    dtype = x.dtype
+    x = x.astype(p["scale"].dtype)
     if train:
         mean = jnp.mean(x, axis=(0, 1, 2))
         var = jnp.mean(jnp.square(x - mean.reshape((1, 1, 1, -1))), axis=(0, 1, 2))
@@ -64,7 +70,7 @@ def batch_norm(x, p, train: bool):
         mean, var = p["mean"], p["var"]
     inv = jax.lax.rsqrt(var + kernels.BN_EPS) * p["scale"]
     y = (x - mean.reshape((1, 1, 1, -1))) * inv.reshape((1, 1, 1, -1)) + p["bias"].reshape((1, 1, 1, -1))
-    return y, {"mean": mean, "var": var}
+    return y.astype(dtype), {"mean": mean, "var": var}
 
 
 def layer_names(num_convs: int) -> list[tuple[str, str]]:
@@ -99,9 +105,16 @@ def ode_function(
     Flax submodules. :class:`ODEBlock` declares the parameters and running statistics and
     passes them in: conv kernels as ``theta`` (evolved), BN parameters and (in eval mode)
     running statistics as per-step ``step_args``.
+
+    Precision: ``theta`` (evolved in the params' dtype) is cast to ``z``'s dtype, so with
+    bfloat16 activations the convolutions run in bfloat16; BatchNorm runs in the params'
+    dtype (:func:`batch_norm`). The conv -> BatchNorm -> ReLU chain's hand-written backward
+    pass (:func:`anodev2_jax.kernels.conv_bn_relu_chain`, a CPU speed-up) is written for one
+    dtype; bfloat16 activations take the plain path, differentiated by autodiff.
     """
     names = layer_names(num_convs)
-    if train:  # one custom-VJP chain (fast backward pass on CPU, fewer saved activations)
+    theta = jax.tree.map(lambda w: w.astype(z.dtype), theta)
+    if train and z.dtype == args[names[0][1]]["scale"].dtype:  # one custom-VJP chain (fast backward pass on CPU)
         layers = tuple(
             {**theta[conv], "scale": args[bn]["scale"], "shift": args[bn]["bias"]} for conv, bn in names
         )
@@ -144,14 +157,16 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """``dtype`` is the params'; the convolution runs in ``x``'s dtype (the kernel is cast to it)."""
         shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
         kernel = self.param("kernel", he_normal, shape, self.dtype)
         padding = self.padding
         if isinstance(padding, str):
             padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size, self.strides, padding)
-        y = kernels.conv2d(x, kernel, tuple(self.strides), tuple(tuple(p) for p in padding))
+        y = kernels.conv2d(x, kernel.astype(x.dtype), tuple(self.strides), tuple(tuple(p) for p in padding))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).reshape((1, 1, 1, -1))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + bias.astype(y.dtype).reshape((1, 1, 1, -1))
         return y
 
 
@@ -328,13 +343,15 @@ class DownsampleBlock(nn.Module):
         return shortcut + h
 
 
-def flax_batch_norm(cfg: ODEConfig, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
+def flax_batch_norm(cfg: ODEConfig, train: bool, name: str):
+    """Flax's BatchNorm in the params' dtype; with bfloat16 activations it normalizes in float32 and casts back."""
+    bn = nn.BatchNorm(
         use_running_average=not train, momentum=cfg.bn_momentum, epsilon=kernels.BN_EPS,
         dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, name=name,
         # Same arithmetic as the ODE blocks' batch norm: two-pass variance, statistics kept
-        # in the model dtype (float32 or float64; no half precision here to protect).
+        # in the params' dtype (float32 or float64).
         use_fast_variance=False, force_float32_reductions=False,
     )
-
-
+    if cfg.jnp_compute_dtype == cfg.jnp_dtype:
+        return bn
+    return lambda x: bn(x.astype(cfg.jnp_dtype)).astype(x.dtype)

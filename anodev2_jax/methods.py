@@ -36,6 +36,7 @@ __all__ = [
     "NONLINEARITIES",
     "NORMS",
     "DTYPES",
+    "COMPUTE_DTYPES",
     "KNOBS",
     "ODEConfig",
     "method_defaults",
@@ -48,6 +49,7 @@ COEFF_GRANULARITIES = ("kernel", "filter")
 NONLINEARITIES: dict[str, Optional[Callable]] = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "none": None}
 NORMS = ("per_step", "shared")
 DTYPES = ("float32", "float64")
+COMPUTE_DTYPES = DTYPES + ("bfloat16",)
 
 # The knobs and their values for every method (None = not used). ``steps_z``, ``steps_w``,
 # ``schedule``, ``solver`` (``"euler"``, ``"rk2"``, ``"rk4"``) and ``remat`` (see
@@ -57,7 +59,9 @@ DTYPES = ("float32", "float64")
 # per kernel) or ``"filter"`` (one per output filter, shape ``(cout,)``); ``nonlinearity``:
 # sigma of Eq. 2.6; ``norm``: ``"per_step"`` or ``"shared"`` BatchNorm across time steps
 # (layers.StepBatchNorm); ``bn_momentum`` (Flax convention); ``dtype`` of params and
-# activations (``"float64"`` for gradient tests). Without evolution (``baseline``,
+# activations (``"float64"`` for gradient tests); ``compute_dtype``: None (= ``dtype``) or
+# ``"bfloat16"``: activations and convolutions in bfloat16, params, BatchNorm statistics
+# and arithmetic, and the RDA evolution in ``dtype``. Without evolution (``baseline``,
 # ``neural_ode``, ``anode``) ``steps_w``, ``schedule``, ``nonlinearity`` and
 # ``coeff_granularity`` are validated but unused; ``remat`` is unused by
 # ``adjoint="backsolve"`` (diffrax's backsolve keeps O(1) activations by construction).
@@ -73,6 +77,7 @@ _COMMON_DEFAULTS: dict[str, Any] = dict(
     norm="per_step",
     bn_momentum=0.9,
     dtype="float32",
+    compute_dtype=None,
 )
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -107,23 +112,30 @@ class ODEConfig:
     norm: str
     bn_momentum: float
     dtype: str
+    compute_dtype: str = "float32"
 
     @property
     def jnp_dtype(self):
+        """The params' dtype (and BatchNorm's, and the RDA evolution's)."""
         return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_compute_dtype(self):
+        """The activations' and convolutions' dtype."""
+        return jnp.dtype(self.compute_dtype)
 
     @property
     def sigma(self) -> Optional[Callable]:
         return NONLINEARITIES[self.nonlinearity]
 
 
-def _normalize_dtype(value) -> str:
+def _normalize_dtype(value, field: str = "dtype", allowed=DTYPES) -> str:
     try:
-        name = np.dtype(value).name
+        name = jnp.dtype(value).name
     except TypeError:
         name = repr(value)
-    if name not in DTYPES:
-        raise ValueError(f"dtype={value!r} is not supported; use one of {', '.join(map(repr, DTYPES))}")
+    if name not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
     return name
 
 
@@ -157,6 +169,13 @@ def resolve_config(method: str, **overrides) -> ODEConfig:
         raise ValueError(f"bn_momentum={m!r} must be a float in [0, 1] (Flax convention: 0.9 keeps 90% of the old value)")
     k["bn_momentum"] = float(m)
     k["dtype"] = _normalize_dtype(k["dtype"])
+    compute = k["dtype"] if k["compute_dtype"] is None else _normalize_dtype(k["compute_dtype"], "compute_dtype", COMPUTE_DTYPES)
+    if compute not in (k["dtype"], "bfloat16"):
+        raise ValueError(
+            f"compute_dtype={compute!r} with dtype={k['dtype']!r}: compute in the params' dtype "
+            "(compute_dtype=None) or in 'bfloat16'"
+        )
+    k["compute_dtype"] = compute
 
     if evolve:
         k["steps_w"] = k["steps_z"] if k["steps_w"] is None else k["steps_w"]

@@ -28,8 +28,9 @@ Baseline parameter counts (BN scale and shift counted, running statistics not) a
 paper's Table 3 exactly: ResNet-4 7,706; ResNet-10 44,186; AlexNet 1,756,682
 (``python -m anodev2_jax.models`` prints the whole table beside the paper's).
 
-Params are created in the knob ``dtype`` (float32 by default) and inputs are cast to it
-explicitly, so the models run under strict dtype promotion with x64 enabled.
+Params are created in the knob ``dtype`` (float32 by default) and inputs are cast to the
+knob ``compute_dtype`` (``dtype`` unless ``"bfloat16"``) explicitly, so the models run under
+strict dtype promotion with x64 enabled. With bfloat16 compute the logits are bfloat16.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _ODEModel(nn.Module):
     norm: Optional[str] = None
     bn_momentum: Optional[float] = None
     dtype: Any = None
+    compute_dtype: Any = None
 
     @property
     def config(self) -> ODEConfig:
@@ -85,7 +87,7 @@ class _ODEModel(nn.Module):
             raise ValueError(
                 f"expected NHWC images (N, H, W, 3), e.g. CIFAR-10's (N, 32, 32, 3), got shape {jnp.shape(x)}"
             )
-        return cfg, jnp.asarray(x).astype(cfg.jnp_dtype)
+        return cfg, jnp.asarray(x).astype(cfg.jnp_compute_dtype)
 
     def _stem(self, cfg: ODEConfig, x, train: bool, features: int, kernel: int, use_bias: bool):
         dtype = cfg.jnp_dtype
@@ -95,7 +97,7 @@ class _ODEModel(nn.Module):
     def _resnet_head(self, cfg: ODEConfig, z):
         z = kernels.max_pool_blocks(z, 8)
         z = z.reshape((z.shape[0], -1))
-        return nn.Dense(10, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype, name="fc")(z)
+        return nn.Dense(10, dtype=cfg.jnp_compute_dtype, param_dtype=cfg.jnp_dtype, name="fc")(z)
 
 
 class ResNet4(_ODEModel):
@@ -132,15 +134,15 @@ class AlexNet(_ODEModel):
     @nn.compact
     def __call__(self, x, train: bool = False):
         cfg, x = self._prepare(x)
-        dtype = cfg.jnp_dtype
+        dtype, param_dtype = cfg.jnp_compute_dtype, cfg.jnp_dtype
         z = self._stem(cfg, x, train, 64, 5, True)
         z = nn.max_pool(z, (3, 3), strides=(2, 2), padding="SAME")
         z = layers.ODEBlock(64, cfg, kernel_size=5, num_convs=1, use_bias=True, name="conv2")(z, train)
         z = nn.max_pool(z, (3, 3), strides=(2, 2), padding="SAME")
         z = z.reshape((z.shape[0], -1))
-        z = jax.nn.relu(nn.Dense(384, dtype=dtype, param_dtype=dtype, name="fc1")(z))
-        z = jax.nn.relu(nn.Dense(192, dtype=dtype, param_dtype=dtype, name="fc2")(z))
-        return nn.Dense(10, dtype=dtype, param_dtype=dtype, name="fc3")(z)
+        z = jax.nn.relu(nn.Dense(384, dtype=dtype, param_dtype=param_dtype, name="fc1")(z))
+        z = jax.nn.relu(nn.Dense(192, dtype=dtype, param_dtype=param_dtype, name="fc2")(z))
+        return nn.Dense(10, dtype=dtype, param_dtype=param_dtype, name="fc3")(z)
 
 
 _MODEL_CLASSES = {"alexnet": AlexNet, "resnet4": ResNet4, "resnet10": ResNet10}

@@ -11,9 +11,17 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-__all__ = ["OptimizerSpec", "learning_rate_schedule", "weight_decay_mask", "create_optimizer", "make_optimizer"]
+__all__ = [
+    "OptimizerSpec",
+    "learning_rate_schedule",
+    "learning_rate_at",
+    "weight_decay_mask",
+    "create_optimizer",
+    "make_optimizer",
+]
 
 
 class OptimizerSpec(NamedTuple):
@@ -58,6 +66,19 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> Callable[[Any], jax.
         return lr
 
     return schedule
+
+
+def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+    """:func:`learning_rate_schedule`'s value at global step ``step``, computed on the host.
+
+    The same float32 arithmetic in numpy, so the same number without a device computation
+    (the training loop reads it inside an epoch, where nothing may be copied to the device).
+    """
+    lr = np.float32(config.learning_rate)
+    for e in config.lr_boundaries_epochs:
+        if step >= int(e) * steps_per_epoch:
+            lr = lr * np.float32(config.lr_decay_factor)
+    return float(lr)
 
 
 def weight_decay_mask(params, decay_rda_coeffs: bool = False):

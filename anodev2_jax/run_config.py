@@ -23,6 +23,7 @@ from anodev2_jax.methods import METHODS, MODELS, resolve_config
 
 __all__ = [
     "NONFINITE_MODES",
+    "COMPUTE_DTYPES",
     "KNOB_FIELDS",
     "RESUMABLE_FIELDS",
     "ADDED_FIELDS",
@@ -38,7 +39,8 @@ __all__ = [
     "MAX_SEED",
 ]
 
-NONFINITE_MODES = ("stop", "skip")
+NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or gradient does
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.dtype: the model knob compute_dtype (params stay float32)
 
 # Every Euler step of an ODE block is unrolled into the compiled program (DESIGN.md: a
 # convolution inside a loop trains ~19x slower on XLA:CPU), so compile time grows linearly
@@ -46,14 +48,15 @@ NONFINITE_MODES = ("stop", "skip")
 # level 0: 13 s at steps_z=2, 36 s at 32). 1000 steps already compile for tens of minutes.
 MAX_ODE_STEPS = 1000
 # Seeds become int32 on the device (the PRNG keys, the per-seed data order): seed + num_seeds - 1 must fit.
-MAX_SEED = 2**31 - 1  # config.nonfinite: what a NaN / Inf loss or gradient does
+MAX_SEED = 2**31 - 1
 
 # The config fields that are ODE knobs of the model (anodev2_jax.methods.KNOBS but bn_momentum, dtype).
 KNOB_FIELDS = ("steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm")
 
 # Fields a restart may change: num_epochs, to extend a run (the learning-rate boundaries are
 # absolute epochs, so extending does not move them); where the data is (data_dir); how often
-# to log, evaluate and checkpoint; multi-host start-up; what a non-finite step does. Every
+# to log, evaluate and checkpoint; multi-host start-up; what a non-finite step does; how
+# many steps one jitted call runs (the results do not depend on it). Every
 # other field must match the run directory's config.json (ODE knobs compared after
 # resolving None to the method's default).
 RESUMABLE_FIELDS = (
@@ -66,11 +69,12 @@ RESUMABLE_FIELDS = (
     "keep_checkpoints",
     "distributed",
     "nonfinite",
+    "steps_per_call",
 )
 
 # Fields added to the config after runs were written without them, with the value such runs
 # had implicitly: a config.json that lacks the field matches a config with that value.
-ADDED_FIELDS: dict[str, Any] = {}
+ADDED_FIELDS: dict[str, Any] = {"dtype": "float32", "steps_per_call": 1}
 
 
 def _is_int(v) -> bool:
@@ -146,6 +150,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "coeff_granularity": _optional(str, "a string"),
     "nonlinearity": _optional(str, "a string"),
     "norm": _optional(str, "a string"),
+    "dtype": _choice(COMPUTE_DTYPES),
     "dataset": _choice(DATASETS),
     "data_dir": _optional(str, "a path"),
     "num_train": _int_at_least(1, optional=True),
@@ -168,6 +173,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "keep_checkpoints": _int_at_least(1),
     "distributed": _bool,
     "nonfinite": _choice(NONFINITE_MODES),
+    "steps_per_call": _int_at_least(0),
 }
 
 
@@ -222,8 +228,12 @@ def validate_config(config) -> None:
 
 
 def knobs(config) -> dict[str, Any]:
-    """The ODE knob fields of ``config`` (None: the method's default)."""
-    return {k: config[k] for k in KNOB_FIELDS}
+    """The model knobs of ``config``: its ODE knob fields (None: the method's default) and ``compute_dtype``.
+
+    ``config.dtype`` is the model's ``compute_dtype`` knob (the model's own ``dtype`` knob,
+    of its params, stays float32 in training).
+    """
+    return {**{k: config[k] for k in KNOB_FIELDS}, "compute_dtype": config.get("dtype", "float32")}
 
 
 def resolved_knobs(cfg: dict[str, Any]) -> dict[str, Any]:

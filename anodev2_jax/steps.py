@@ -11,6 +11,14 @@ step ``t``: ``fold_in(fold_in(root, 1), t)``, computed inside the step from the 
 step counter. Images are normalized to float32 on the device; the loss and metrics are
 float32 (explicit casts, so training runs unchanged with ``jax_enable_x64`` and strict
 dtype promotion).
+
+Two ways to feed a step: :func:`make_train_step` takes a batch gathered on the host (one
+call per step); :func:`make_train_call` takes the whole training split resident on the
+devices and the epoch's index array, and runs ``length`` steps in one call (``lax.scan``),
+each gathering its own batch on the device (:func:`anodev2_jax.data.gather_rows`) at the
+row the state's step counter points to. Both run the same :func:`train_step_one`, so they
+give the same numbers (bitwise on XLA:CPU at its default optimization level; see
+:mod:`anodev2_jax.engine`). :func:`make_eval_call` is the evaluation counterpart.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from anodev2_jax import data as data_lib
 from anodev2_jax import models, optim, run_config, sharding
@@ -43,6 +52,8 @@ __all__ = [
     "make_train_step",
     "eval_step_one",
     "make_eval_step",
+    "make_train_call",
+    "make_eval_call",
     "programs",
     "evaluate",
 ]
@@ -203,6 +214,77 @@ def make_eval_step(model, mesh: jax.sharding.Mesh, num_seeds: int) -> Callable:
     return jax.jit(step, in_shardings=(repl, batch, batch, batch), out_shardings=repl)
 
 
+def make_train_call(model, tx, mesh: jax.sharding.Mesh, num_seeds: int, length: int, steps_per_epoch: int) -> Callable:
+    """``length`` optimizer steps of every replica in one jitted call, on data resident on the devices.
+
+    Returns:
+      ``call(state, x_train, y_train, idx, seeds) -> (state, metrics)``: ``x_train`` uint8
+      ``(N, 32, 32, 3)`` and ``y_train`` int32 ``(N,)`` replicated (the whole split),
+      ``idx`` int32 ``(num_seeds, steps_per_epoch, batch)`` the epoch's index array sharded
+      along its batch axis (:func:`anodev2_jax.sharding.index_sharding`), ``seeds`` as for
+      :func:`make_train_step`. Step ``t`` (the state's counter, so no position is passed
+      from the host) trains on rows ``idx[:, t % steps_per_epoch]``, gathered on the device.
+      ``metrics`` holds :func:`make_train_step`'s per-step metrics stacked on a leading
+      axis of length ``length``: ``(length, num_seeds)`` each. The state is donated.
+
+    ``length == 1`` is the bare step (no loop: on XLA:CPU a convolution inside a loop runs
+    several times slower, jax-ml/jax#12868); longer calls are one ``lax.scan`` whose trip
+    count is ``length``. A call must not cross the end of the epoch its ``idx`` belongs to.
+    """
+    step = over_seeds(functools.partial(train_step_one, model, tx), num_seeds, (0, 0, 0, 0))
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+
+    def one(state, x, y, idx, seeds):
+        pos = state.step[0] % steps_per_epoch  # every replica is at the same step
+        rows = lax.dynamic_index_in_dim(idx, pos, axis=1, keepdims=False)  # (num_seeds, batch)
+        images = lax.with_sharding_constraint(data_lib.gather_rows(x, rows), batch)
+        labels = lax.with_sharding_constraint(data_lib.gather_rows(y, rows), batch)
+        return step(state, images, labels, seeds)
+
+    def call(state, x, y, idx, seeds):
+        if length == 1:
+            state, metrics = one(state, x, y, idx, seeds)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return lax.scan(lambda s, _: one(s, x, y, idx, seeds), state, None, length=length)
+
+    in_shardings = (repl, repl, repl, sharding.index_sharding(mesh), repl)
+    return jax.jit(call, in_shardings=in_shardings, out_shardings=(repl, repl), donate_argnums=0)
+
+
+def make_eval_call(model, mesh: jax.sharding.Mesh, num_seeds: int, length: int) -> Callable:
+    """``length`` evaluation batches in one jitted call, on the test split resident on the devices.
+
+    Returns:
+      ``call(state, x_test, y_test, idx, mask, start) -> {"loss_sum", "correct"}``, float32
+      ``(num_seeds,)`` sums over batches ``start .. start + length - 1`` of ``idx`` / ``mask``
+      (int32 / bool ``(num_batches, batch)`` from :func:`anodev2_jax.data.eval_index_array`,
+      sharded along the batch axis); ``start`` an int32 scalar on the device. The sums run
+      in batch order, as :func:`evaluate`'s.
+    """
+    step = over_seeds(functools.partial(eval_step_one, model), num_seeds, (0, None, None, None))
+    repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh, seed_axis=False)
+
+    def one(state, x, y, idx, mask, b):
+        rows = lax.dynamic_index_in_dim(idx, b, axis=0, keepdims=False)
+        valid = lax.dynamic_index_in_dim(mask, b, axis=0, keepdims=False)
+        images = lax.with_sharding_constraint(data_lib.gather_rows(x, rows), batch)
+        return step(state, images, data_lib.gather_rows(y, rows), valid)
+
+    def call(state, x, y, idx, mask, start):
+        if length == 1:
+            return one(state, x, y, idx, mask, start)
+
+        def body(sums, b):
+            out = one(state, x, y, idx, mask, start + b)
+            return jax.tree.map(jnp.add, sums, out), None
+
+        zeros = {k: jnp.zeros((num_seeds,), jnp.float32) for k in ("loss_sum", "correct")}
+        return lax.scan(body, zeros, jnp.arange(length, dtype=jnp.int32))[0]
+
+    idx = sharding.index_sharding(mesh, ndim=2)
+    return jax.jit(call, in_shardings=(repl, repl, repl, idx, idx, repl), out_shardings=repl)
+
+
 class Programs(NamedTuple):
     """The optimizer and the jitted functions of one run setup (see :func:`programs`)."""
 
@@ -211,6 +293,8 @@ class Programs(NamedTuple):
     init: Callable  # seeds (num_seeds,) int32 -> replicated TrainState
     train_step: Callable  # make_train_step's
     eval_step: Callable  # make_eval_step's
+    train_call: Callable[[int], Callable]  # length -> make_train_call's program of that length (cached)
+    eval_call: Callable[[int], Callable]  # length -> make_eval_call's program of that length (cached)
 
 
 @functools.lru_cache(maxsize=32)
@@ -218,11 +302,20 @@ def programs(model, spec: optim.OptimizerSpec, mesh: jax.sharding.Mesh, num_seed
     """Optimizer, schedule and the jitted init / train / eval functions of one run setup.
 
     Cached, so runs of the same setup in one process (a sweep over seeds in a notebook, a
-    resumed run, the tests) compile once: seeds enter the programs as arguments.
+    resumed run, the tests) compile once: seeds enter the programs as arguments. The call
+    programs are cached per length too: an epoch needs at most two lengths (``steps_per_call``
+    and the epoch's remainder).
     """
     tx, schedule = optim.make_optimizer(spec)
     init = jax.jit(over_seeds(functools.partial(init_one, model, tx), num_seeds, (0,)), out_shardings=sharding.replicated(mesh))
-    return Programs(tx, schedule, init, make_train_step(model, tx, mesh, num_seeds), make_eval_step(model, mesh, num_seeds))
+    train_call = functools.lru_cache(maxsize=None)(
+        lambda length: make_train_call(model, tx, mesh, num_seeds, length, spec.steps_per_epoch)
+    )
+    eval_call = functools.lru_cache(maxsize=None)(lambda length: make_eval_call(model, mesh, num_seeds, length))
+    return Programs(
+        tx, schedule, init, make_train_step(model, tx, mesh, num_seeds), make_eval_step(model, mesh, num_seeds),
+        train_call, eval_call,
+    )  # fmt: skip
 
 
 def evaluate(eval_step, state, ds: data_lib.Dataset, batch_size: int, mesh: jax.sharding.Mesh):

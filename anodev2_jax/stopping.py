@@ -1,8 +1,8 @@
 """Stopping a run: stop signals (SIGTERM from a scheduler, SIGINT from Ctrl-C) and non-finite steps.
 
 A stop signal during the training loop is only recorded; the loop finishes the current
-step, saves a checkpoint at that step (and waits for it) and raises
-:class:`anodev2_jax.errors.Preempted`. A non-finite step (NaN / Inf loss, gradients or
+call (``config.steps_per_call`` steps), saves a checkpoint at its last step (and waits for
+it) and raises :class:`anodev2_jax.errors.Preempted`. A non-finite step (NaN / Inf loss, gradients or
 update) is flagged on the device; the host reads the flags only where it syncs anyway and
 then stops (:class:`anodev2_jax.errors.NonFiniteError`) or counts the skipped steps.
 """
@@ -29,10 +29,11 @@ class StopSignals:
     * Before :meth:`arm` (the run directory is not locked yet: nothing of the run is written)
       a signal ends the process at once, ``128 + signum``, with one line on stderr.
     * After it, the first signal is recorded: the loop asks :meth:`requested` after every
-      step, finishes that step, saves a checkpoint of it (and waits for it) and raises
+      call (``steps_per_call`` steps; one on CPU), finishes that call, saves a checkpoint at
+      its last step (and waits for it) and raises
       ``Preempted``; ``train.py`` prints that line and exits ``128 + signum`` (143 for
       SIGTERM, 130 for SIGINT), and rerunning the same command resumes. A signal during set-up
-      or the first compile is acted on after the first step; one after the last step lets
+      or the first compile is acted on after the first call; one after the last step lets
       the run finish (last checkpoint and ``summary.json``) and then stops it.
     * A second signal ends the process at once (``128 + signum``, one line; the checkpoint in
       flight is abandoned, the previous complete one stays valid), even in the middle of a
@@ -118,7 +119,7 @@ class StopSignals:
                     _end_now(signum, _AGAIN)
 
     def requested(self, step: int) -> bool:
-        """Whether to save and stop after ``step`` (called by every process after every step)."""
+        """Whether to save and stop after ``step`` (called by every process after every call)."""
         if self.signum is None and self._multiprocess:
             from jax.experimental import multihost_utils
 

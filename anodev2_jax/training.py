@@ -9,7 +9,8 @@ the run directory's lock (one writer per run directory) -> open the run director
 epochs (:class:`Trainer`) -> summary. A finished run (its ``summary.json`` beside its final
 checkpoint) is reported and left as it is: nothing is written, not even the lock. The
 pieces live beside it, one concern per module: :mod:`~anodev2_jax.run_config`,
-:mod:`~anodev2_jax.optim`, :mod:`~anodev2_jax.steps`, :mod:`~anodev2_jax.sharding`,
+:mod:`~anodev2_jax.optim`, :mod:`~anodev2_jax.steps`, :mod:`~anodev2_jax.engine` (the data on the
+devices, several steps per call), :mod:`~anodev2_jax.sharding`,
 :mod:`~anodev2_jax.rundir`, :mod:`~anodev2_jax.checkpoints`, :mod:`~anodev2_jax.stopping`,
 :mod:`~anodev2_jax.errors`.
 
@@ -18,8 +19,9 @@ random choice derives from (seed, epoch, step), XLA:CPU runs the same program in
 order, and so a run killed (even with SIGKILL) and resumed any number of times ends with
 exactly the params, optimizer state and metrics (timings aside) of an uninterrupted one
 (``tests/test_reliability.py``). It needs the same jax/jaxlib version, XLA flags and device
-count (the gradient all-reduce sums in device order). On GPU this does **not** hold by
-default: XLA:GPU reductions and scatters may use atomics (the order of float additions
+count (the gradient all-reduce sums in device order); ``steps_per_call`` may differ at
+XLA:CPU's default optimization level (:mod:`~anodev2_jax.engine`). On GPU this does **not**
+hold by default: XLA:GPU reductions and scatters may use atomics (the order of float additions
 varies run to run) and cuDNN / cuBLAS autotuning may choose different algorithms, so runs
 differ by round-off that training amplifies; ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``
 (with ``--xla_gpu_autotune_level=0`` for fixed algorithm choice) makes them reproducible at
@@ -37,15 +39,16 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from anodev2_jax import checkpoints, models, optim, rundir, run_config, sharding, steps, stopping
+from anodev2_jax import checkpoints, engine, models, optim, rundir, run_config, sharding, steps, stopping
 from anodev2_jax import data as data_lib
+from anodev2_jax.engine import epoch_indices
 from anodev2_jax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse, WorkdirMismatch, WriteError
 from anodev2_jax.run_config import RESUMABLE_FIELDS, default_workdir, validate_config
 from anodev2_jax.steps import TrainState
@@ -63,23 +66,12 @@ __all__ = [
     "validate_config",
     "epoch_indices",
     "zero_loop",
+    "EPOCH_TRANSFER_GUARD",
     "Plan",
     "prepare",
     "Trainer",
     "train_and_evaluate",
 ]
-
-
-def epoch_indices(num_train: int, batch_size: int, seeds: Sequence[int], epoch: int):
-    """Index batches ``(num_seeds, batch)`` of epoch ``epoch`` (0-based): each seed its own order.
-
-    Seed ``s``'s order is ``numpy.random.default_rng([s, epoch])``'s permutation: nothing
-    random lives outside (seed, epoch, step), which is what makes resuming exact. The last
-    partial batch of an epoch is dropped (one compiled shape).
-    """
-    streams = [data_lib.epoch_batches(num_train, batch_size, np.random.default_rng([s, epoch])) for s in seeds]
-    for idx in zip(*streams):
-        yield np.stack(idx)
 
 
 # The loop's per-seed accumulators, saved with every checkpoint as "loop": float32 sums of the
@@ -96,6 +88,13 @@ _LOOP_DTYPES = {
 def zero_loop(num_seeds: int) -> dict[str, np.ndarray]:
     """The loop's accumulators at the start of a run (see ``_LOOP_DTYPES``)."""
     return {k: np.zeros(num_seeds, dtype) for k, dtype in _LOOP_DTYPES.items()}
+
+
+# The jax.transfer_guard the epoch's calls, the folds of their metrics and the evaluation
+# run under. The tests set "disallow": then any implicit host <-> device copy inside an
+# epoch fails, while the explicit placements before it (the data, the epoch's index
+# array) and the explicit reads of the calls' metrics are allowed.
+EPOCH_TRANSFER_GUARD = "allow"
 
 
 def _mean(total, count: np.ndarray) -> np.ndarray:
@@ -119,6 +118,8 @@ class Plan:
     batch_size: int
     eval_batch_size: int
     steps_per_epoch: int
+    steps_per_call: int  # resolved: >= 1, at most steps_per_epoch (engine.resolve_steps_per_call)
+    data_on_device: bool  # engine.DeviceEngine (True) or the per-step host gather, engine.HostEngine
     programs: steps.Programs
     num_params: int
     snapshot: tuple  # rundir.snapshot of the workdir before it was read
@@ -194,6 +195,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pr
             "lower --config.num_epochs"
         )
     snapshot = rundir.snapshot(workdir)
+    data_on_device = sharding.fits_on_devices(engine.dataset_bytes(ds), mesh)
+    steps_per_call = engine.resolve_steps_per_call(config.steps_per_call, steps_per_epoch, data_on_device, jax.default_backend())
     rundir.check_workdir(workdir, cfg, steps_per_epoch)
     rundir.check_writable(workdir)
     seeds = [config.seed + i for i in range(config.num_seeds)]
@@ -203,7 +206,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pr
     seeds_arr = sharding.put_global(np.asarray(seeds, np.int32), repl)
     plan = Plan(
         config, cfg, workdir, model, mesh, ds, seeds, seeds_arr, batch_size, eval_batch_size, steps_per_epoch,
-        progs, models.count_params(abstract_one.params), snapshot,
+        steps_per_call, data_on_device, progs, models.count_params(abstract_one.params), snapshot,
     )  # fmt: skip
     finished = rundir.finished_summary(workdir, plan.final_step)
     if finished is not None:
@@ -284,8 +287,15 @@ def _session(plan: Plan) -> dict[str, Any]:
 class Trainer:
     """The epoch loop of one run, with its state explicit: train state, global step, accumulators, timers.
 
-    ``tally`` holds the :func:`zero_loop` accumulators: on the device while training (the
-    step's metrics are added there, no host sync per step), numpy in checkpoints.
+    An epoch is a few calls of the engine (:mod:`anodev2_jax.engine`), each running
+    ``plan.steps_per_call`` steps on the device (the last call of an epoch may be shorter).
+    A call returns its per-step metrics, which stay on the device until the loop needs
+    them: at a ``log_every_steps`` boundary, a progress update, a stop and the epoch's end,
+    :meth:`fold` reads every pending call's metrics in one copy and adds them, step by step
+    in order, to ``tally`` (the :func:`zero_loop` accumulators), writing each step record
+    as its step passes. So the sums, records and checkpoints are exactly those of one
+    call per step; only when they are written moves to the end of the call. ``tally`` is
+    numpy (float32 sums, as the checkpoints hold them).
     """
 
     def __init__(self, plan: Plan, ckpt: checkpoints.Checkpointer, logger: Optional[rundir.MetricsLogger]):
@@ -303,15 +313,21 @@ class Trainer:
         self.flags = stopping.FiniteFlags(config.nonfinite, plan.seeds, plan.steps_per_epoch)
         self.progress = rundir.Progress(plan.is_main)
         self.progress_every = max(1, plan.steps_per_epoch // 50)  # each update syncs with the device
-        self.train_sharding = sharding.batch_sharding(plan.mesh)
         self.images_per_step = len(plan.seeds) * plan.batch_size
-        self.train_time, self.train_images = 0.0, 0  # for images_per_s, without each session's first step
+        self.train_time, self.train_images = 0.0, 0  # for images_per_s, without each session's first call
         self.last_train = {"train_loss": None, "train_accuracy": None}
         self.logged_images_per_s: Optional[float] = None  # the last epoch record's, for a summary rebuilt below
         if plan.restored is not None and self.start_step == plan.final_step:
             self._last_epoch_from_metrics()
         self.test: Optional[tuple[np.ndarray, np.ndarray]] = None  # (loss, accuracy) per seed
-        self.t_window = 0.0
+        self.pending: list[tuple[int, int, dict[str, jax.Array]]] = []  # (step before the call, its length, metrics)
+        self.t_window = self.t_mark = 0.0  # start of the log window; time of the last fold (at step step_mark)
+        self.step_mark = self.step
+        args = (plan.programs, plan.mesh, plan.ds, plan.seeds, plan.batch_size, plan.eval_batch_size)
+        if plan.data_on_device:  # places the splits on the devices, explicitly, once per run
+            self.engine = engine.DeviceEngine(*args, plan.steps_per_call, plan.seeds_arr)
+        else:
+            self.engine = engine.HostEngine(*args, plan.seeds_arr)
 
     def _last_epoch_from_metrics(self) -> None:
         """The last epoch's train metrics from its metrics.jsonl records (the run stopped after its last checkpoint).
@@ -348,47 +364,69 @@ class Trainer:
     # ---- one epoch
 
     def train_epoch(self, epoch: int, stop: stopping.StopSignals) -> None:
-        """Epoch ``epoch`` (0-based): its steps, its record, evaluation and checkpoint as configured."""
-        plan, config = self.plan, self.plan.config
+        """Epoch ``epoch`` (0-based): its calls, its record, evaluation and checkpoint as configured."""
+        plan, every = self.plan, self.plan.config.log_every_steps
         first = self.start_i if epoch == self.start_epoch else 0  # batches of this epoch done before the restart
         if not first:
             self.tally = {**zero_loop(len(plan.seeds)), "skipped": self.tally["skipped"]}
-        t_epoch = self.t_window = time.perf_counter()
-        first_step_done = None
-        batches = epoch_indices(len(plan.ds.y_train), plan.batch_size, plan.seeds, epoch)
-        for i, idx in enumerate(batches, start=1):
-            if i <= first:
-                continue
-            metrics = self.train_step(idx)
-            if first_step_done is None and epoch == self.start_epoch:
-                jax.block_until_ready(metrics)
-                first_step_done = time.perf_counter()
-            if self.progress.tty and (i % self.progress_every == 0 or i == plan.steps_per_epoch):
-                self.show_progress(epoch, i, first, t_epoch)
-            if config.log_every_steps and self.step % config.log_every_steps == 0:
-                self.log_window(epoch, i)
-            # Asked every step (a collective sync point with several processes); acted on here
-            # mid-epoch, and after the epoch's record and checkpoint at its end.
+        t_epoch = self.t_window = self.t_mark = time.perf_counter()
+        self.step_mark = self.step
+        first_call_done = None
+        self.engine.begin_epoch(epoch)  # the epoch's index array, placed explicitly
+        i = first
+        for n in engine.call_lengths(first, plan.steps_per_epoch, plan.steps_per_call):
+            with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
+                self.state, metrics = self.engine.train(self.state, i, n)
+                self.pending.append((self.step, n, metrics))
+                self.step, i = self.step + n, i + n
+                if first_call_done is None and epoch == self.start_epoch:
+                    jax.block_until_ready(metrics)
+                    first_call_done = (time.perf_counter(), n)
+                show = self.progress.tty and (i // self.progress_every > (i - n) // self.progress_every or i == plan.steps_per_epoch)
+                if show or (every and self.step // every > (self.step - n) // every):
+                    self.fold(epoch)
+                if show:
+                    self.show_progress(epoch, i, first, t_epoch)
+            # Asked after every call (a collective sync point with several processes); acted on
+            # here mid-epoch, and after the epoch's record and checkpoint at its end.
             if stop.requested(self.step) and i < plan.steps_per_epoch:
+                with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
+                    self.fold(epoch)
                 self.count_skipped()  # never save an unchecked state
                 self.stop(stop.signum, self.tally)
-        self.end_epoch(epoch, first, t_epoch, first_step_done, stop)
+        if epoch + 1 < plan.config.num_epochs:  # host work while the device runs the last call
+            self.engine.prefetch(epoch + 1)
+        with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
+            self.fold(epoch)
+        self.end_epoch(epoch, first, t_epoch, first_call_done, stop)
 
-    def train_step(self, idx: np.ndarray) -> dict[str, jax.Array]:
-        """One optimizer step of every replica on the index batch ``idx`` ``(num_seeds, batch)``; its metrics."""
-        ds = self.plan.ds
-        images = sharding.put_global(ds.x_train[idx], self.train_sharding)
-        labels = sharding.put_global(ds.y_train[idx], self.train_sharding)
-        self.state, metrics = self.plan.programs.train_step(self.state, images, labels, self.plan.seeds_arr)
-        self.step += 1
-        self.flags.add(self.step, metrics["finite"])
-        for k in ("loss", "accuracy"):  # device-side sums: no host sync per step
-            self.tally[f"epoch_{k}"] = self.tally[f"epoch_{k}"] + metrics[k]
-            self.tally[f"window_{k}"] = self.tally[f"window_{k}"] + metrics[k]
-        return metrics
+    def fold(self, epoch: int) -> None:
+        """Adds the pending calls' per-step metrics to ``tally`` in step order, writing each step record as it passes.
+
+        One device-to-host copy for all pending calls (it waits for them). A record's
+        window time is interpolated over the calls folded (the host sees call ends only).
+        """
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        fetched = jax.device_get([m for _, _, m in pending])
+        t_now, step_now = time.perf_counter(), self.step
+        every, num_seeds = self.plan.config.log_every_steps, len(self.plan.seeds)
+        for (before, n, _), metrics in zip(pending, fetched):
+            rows = {k: np.reshape(metrics[k], (n, num_seeds)) for k in ("loss", "accuracy", "finite")}
+            for j in range(n):
+                t = before + j + 1  # the global step after this step
+                self.flags.add(t, rows["finite"][j])
+                for k in ("loss", "accuracy"):  # float32 sums in step order, as one call per step makes them
+                    self.tally[f"epoch_{k}"] = self.tally[f"epoch_{k}"] + rows[k][j]
+                    self.tally[f"window_{k}"] = self.tally[f"window_{k}"] + rows[k][j]
+                if every and t % every == 0:
+                    done = self.t_mark + (t_now - self.t_mark) * (t - self.step_mark) / max(step_now - self.step_mark, 1)
+                    self.log_window(epoch, t, done)
+        self.t_mark, self.step_mark = t_now, step_now
 
     def show_progress(self, epoch: int, i: int, first: int, t_epoch: float) -> None:
-        """The terminal's progress line (syncs)."""
+        """The terminal's progress line (after a fold: at call boundaries)."""
         loss, accuracy = (float(np.mean(self.tally[f"epoch_{k}"])) / i for k in ("loss", "accuracy"))
         speed = (i - first) * self.images_per_step / max(time.perf_counter() - t_epoch, 1e-9)
         self.progress.update(
@@ -396,34 +434,39 @@ class Trainer:
             f"loss {loss:.4f} acc {accuracy:.4f} {speed:.0f} img/s"
         )
 
-    def log_window(self, epoch: int, i: int) -> None:
-        """The ``"step"`` record of the last ``log_every_steps`` steps; resets the window's sums."""
-        every = self.plan.config.log_every_steps
+    def log_window(self, epoch: int, step: int, t_done: float) -> None:
+        """The ``"step"`` record of the ``log_every_steps`` steps up to global ``step`` (done at ``t_done``); resets the window."""
+        plan, every = self.plan, self.plan.config.log_every_steps
+        i = step - epoch * plan.steps_per_epoch  # in-epoch position: windows restart with each epoch
         self.count_skipped()
         n_ok = min(every, i) - self.tally["window_skipped"]
         window = {f"train_{k}": _mean(self.tally[f"window_{k}"], n_ok) for k in ("loss", "accuracy")}
-        now = time.perf_counter()
-        ips = min(every, i) * self.images_per_step / max(now - self.t_window, 1e-9)
-        shared = {"learning_rate": float(self.plan.programs.schedule(self.step - 1)), "images_per_s": ips}
-        self.logger.write("step", epoch + 1, self.step, window, shared)
-        zero, self.t_window = zero_loop(len(self.plan.seeds)), now
+        ips = min(every, i) * self.images_per_step / max(t_done - self.t_window, 1e-9)
+        lr = optim.learning_rate_at(plan.config, plan.steps_per_epoch, step - 1)
+        self.logger.write("step", epoch + 1, step, window, {"learning_rate": lr, "images_per_s": ips})
+        zero, self.t_window = zero_loop(len(plan.seeds)), t_done
         self.tally.update({k: zero[k] for k in ("window_loss", "window_accuracy", "window_skipped")})
 
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
+            return self.engine.evaluate(self.state)
+
     def end_epoch(
-        self, epoch: int, first: int, t_epoch: float, first_step_done: Optional[float], stop: stopping.StopSignals
+        self, epoch: int, first: int, t_epoch: float, first_call_done: Optional[tuple[float, int]], stop: stopping.StopSignals
     ) -> None:
         """The epoch's record, progress line, evaluation and checkpoint; acts on a stop signal."""
         plan, config = self.plan, self.plan.config
-        lr = float(plan.programs.schedule(epoch * plan.steps_per_epoch))
+        lr = optim.learning_rate_at(config, plan.steps_per_epoch, epoch * plan.steps_per_epoch)
         self.count_skipped()  # before anything of this epoch is logged or saved
         n_ok = plan.steps_per_epoch - self.tally["epoch_skipped"]
         train = {f"train_{k}": _mean(self.tally[f"epoch_{k}"], n_ok) for k in ("loss", "accuracy")}
         t_end = time.perf_counter()
         epoch_time = t_end - t_epoch
         steps_run = plan.steps_per_epoch - first
-        if first_step_done is not None:  # leave out the session's first (compiling) step
-            self.train_time += t_end - first_step_done
-            self.train_images += (steps_run - 1) * self.images_per_step
+        if first_call_done is not None:  # leave out the session's first (compiling) call
+            t_done, n_first = first_call_done
+            self.train_time += t_end - t_done
+            self.train_images += (steps_run - n_first) * self.images_per_step
         else:
             self.train_time += epoch_time
             self.train_images += steps_run * self.images_per_step
@@ -431,7 +474,7 @@ class Trainer:
         per_seed = dict(train)
         done = epoch + 1
         if done % config.eval_every_epochs == 0 or done == config.num_epochs:
-            self.test = steps.evaluate(plan.programs.eval_step, self.state, plan.ds, plan.eval_batch_size, plan.mesh)
+            self.test = self.evaluate()
             per_seed.update(test_loss=self.test[0], test_accuracy=self.test[1])
         if config.nonfinite == "skip":
             per_seed["nonfinite_skipped"] = np.asarray(self.tally["skipped"])
@@ -451,8 +494,7 @@ class Trainer:
     def final_test(self) -> tuple[np.ndarray, np.ndarray]:
         """The last evaluation, or one of the restored state when a finished run was resumed."""
         if self.test is None:
-            plan = self.plan
-            self.test = steps.evaluate(plan.programs.eval_step, self.state, plan.ds, plan.eval_batch_size, plan.mesh)
+            self.test = self.evaluate()
         return self.test
 
 
@@ -474,6 +516,8 @@ def summarize(plan: Plan, trainer: Trainer, wall_time_s: float) -> dict[str, Any
         **trainer.last_train,
         "num_params": plan.num_params,
         "num_devices": plan.num_devices,
+        "steps_per_call": plan.steps_per_call,
+        "data_on_device": plan.data_on_device,
         "epochs": config.num_epochs,
         "steps": trainer.step,
         "resumed_from_epoch": trainer.start_epoch,
@@ -500,7 +544,8 @@ def _print_header(plan: Plan, trainer: Trainer) -> None:
             resumed = f" (resumed from step {trainer.start_step}{where})"
         rundir.say(
             f"{config.model} {config.method} seeds {plan.seeds}: {plan.num_params:,} params, {plan.num_devices} device(s), "
-            f"{plan.steps_per_epoch} steps/epoch, epochs {trainer.start_epoch + 1}..{config.num_epochs}, "
+            f"{plan.steps_per_epoch} steps/epoch ({plan.steps_per_call} per call), "
+            f"epochs {trainer.start_epoch + 1}..{config.num_epochs}, "
             f"workdir {plan.workdir}" + resumed
         )
     if plan.restored_devices is not None and plan.restored_devices != plan.num_devices:

@@ -41,6 +41,9 @@ def get_config(arg=None):
     config.coeff_granularity = config_dict.placeholder(str)  # kernel | filter
     config.nonlinearity = config_dict.placeholder(str)  # tanh | sigmoid | none (sigma of Eq. 2.6)
     config.norm = config_dict.placeholder(str)  # per_step | shared
+    # float32 | bfloat16: the activations' and convolutions' dtype; params, BatchNorm
+    # statistics and the RDA evolution stay float32 (the usual choice on Hopper GPUs and TPUs)
+    config.dtype = "float32"
 
     # --- data: anodev2_jax.data.load_dataset
     config.dataset = "cifar10"  # cifar10 (tfds) | cifar10_local | npz | synthetic
@@ -70,6 +73,11 @@ def get_config(arg=None):
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
     config.nonfinite = "stop"  # stop | skip: a NaN / Inf loss or gradient stops the run, or its step is skipped
+
+    # --- execution: optimizer steps per jitted call, the data resident on the devices
+    # (anodev2_jax/engine.py); 0 = automatic: the whole epoch on GPU / TPU, 1 on CPU. A stop
+    # signal waits for the running call. Results do not depend on it.
+    config.steps_per_call = 0
 
     # --- multi-host: jax.distributed.initialize() before anything else
     config.distributed = False

@@ -14,9 +14,10 @@ from ``XLA_FLAGS`` (``--xla_force_host_platform_device_count``).
    putting only ITS rows of the batch on its devices
    (``jax.make_array_from_process_local_data``); process 0 writes the losses, the initial
    and final params and the BatchNorm statistics to ``OUTDIR/steps.npz``.
-2. ``train_and_evaluate`` of the same config (one epoch, 2 steps) into ``OUTDIR/run``, as
-   ``python train.py --config.distributed=True`` runs it. It reuses step 1's compiled
-   programs (``steps.programs`` is cached per setup), so it compiles only evaluation.
+2. ``train_and_evaluate`` of the same config (one epoch, 2 steps, both in one call on the
+   device-resident data: ``steps_per_call=2``) into ``OUTDIR/run``, as ``python train.py
+   --config.distributed=True`` runs it. It reuses step 1's optimizer and init programs
+   (``steps.programs`` is cached per setup) and compiles the call and evaluation.
 """
 
 import os
@@ -44,6 +45,7 @@ def tiny_config():
     config.batch_size = 32
     config.num_epochs = 1
     config.keep_checkpoints = 1
+    config.steps_per_call = 2  # the whole epoch in one call: each process gathers its rows on its devices
     config.distributed = "JAX_NUM_PROCESSES" in os.environ
     return config
 
@@ -56,7 +58,8 @@ def run_steps(config, out: Path) -> None:
     model = steps.create_model(config)
     mesh = sharding.make_mesh()
     spec = optim.OptimizerSpec.from_config(config, config.num_train // config.batch_size)
-    _, _, init, step, _ = steps.programs(model, spec, mesh, 1)  # the programs train_and_evaluate uses
+    progs = steps.programs(model, spec, mesh, 1)  # the programs train_and_evaluate uses
+    init, step = progs.init, progs.train_step
     seeds = sharding.put_global(np.asarray([config.seed], np.int32), sharding.replicated(mesh))
     state = init(seeds)
 

@@ -1,8 +1,12 @@
-"""Shared test helpers: one tolerance helper with per-dtype defaults (STYLE.md 8) and small models."""
+"""Shared test helpers: one tolerance helper with per-dtype defaults (STYLE.md 8), small models, tiny runs."""
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from configs import default
 
 # Defaults per dtype: float64 results of the same computation differ only by round-off.
 _RTOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
@@ -66,3 +70,43 @@ def small_problem(key, dtype=jnp.float64, batch=2, hw=6, c=3, sizes=(3, 4)):
     }
     z0 = jax.random.normal(k3, (batch, hw, hw, c), dtype)
     return z0, theta, coeffs
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+
+def tiny_config(model="resnet4", method="baseline", **overrides):
+    """A config of a two-step run: 16 synthetic training images, batch 8, one epoch.
+
+    The tests share it (only seeds, epochs and logging vary; the learning rate drops
+    after epoch 1), so they share compiled programs.
+    """
+    config = default.get_config(method)
+    config.model = model
+    config.dataset = "synthetic"
+    config.num_train = 16
+    config.num_test = 16
+    config.batch_size = 8
+    config.num_epochs = 1
+    config.lr_boundaries_epochs = (1,)
+    config.learning_rate = 0.01
+    config.log_every_steps = 0
+    for name, value in overrides.items():
+        config[name] = value
+    return config
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def restore_state(workdir, step):
+    """The raw checkpoint of global step ``step`` (nested dicts of arrays, no target needed)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir, "checkpoints").absolute()) as manager:
+        return manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in records]

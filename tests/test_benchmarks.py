@@ -21,6 +21,7 @@ COMMANDS = {
     "memory": [str(BENCH / "memory.py"), "--quick", "--remat", "block"],
     "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
     "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
+    "host_overhead": [str(BENCH / "host_overhead.py"), "--quick"],
 }
 
 
@@ -85,3 +86,9 @@ def test_conv_kernels_quick(outputs):
     if _has("torch"):
         must.append("PyTorch convolution_backward, channels_last")
     _check(outputs, "conv_kernels", must)
+
+
+@pytest.mark.slow
+def test_host_overhead_quick(outputs):
+    _check(outputs, "host_overhead", ["old loop (one call per step, host gather)", "engine, whole epoch (195 steps per call)",
+                                      "train.py loop, engine, steps_per_call=1", "bare jitted step", "jax-ml/jax#12868"])

@@ -169,6 +169,7 @@ def test_two_processes_equal_one(tmp_path):
     s_got = json.loads((many / "run" / "summary.json").read_text())
     assert (s_ref["num_devices"], s_got["num_devices"]) == (1, 4)
     assert s_got["steps"] == s_ref["steps"] == 2
+    assert s_got["steps_per_call"] == s_ref["steps_per_call"] == 2 and s_got["data_on_device"]  # one call, on-device data
     c_ref, c_got = _restore_numpy(one / "run"), _restore_numpy(many / "run")
     assert int(np.ravel(c_got["step"])[0]) == int(np.ravel(c_ref["step"])[0]) == 2
     err = {part: _rel_l2(c_got[part], c_ref[part]) for part in ("params", "batch_stats")}

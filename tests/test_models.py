@@ -8,6 +8,7 @@ for ``init``'s PRNG compiles; one test checks ``init`` itself.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -321,6 +322,38 @@ def test_knob_combinations_trace(name, method, knobs):
     if knobs.get("coeff_granularity") == "filter":
         conv = v["params"]["conv2"]["conv"] if name == "alexnet" else v["params"]["layer2_2"]["conv1"]
         assert conv["rda_v"].shape == (conv["kernel"].shape[-1], 2)
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [(m, "anodev2_conf2") for m in MODELS] + [("resnet4", m) for m in ("baseline", "neural_ode", "anode", "anodev2_conf1")],
+)
+def test_bfloat16_compute_keeps_params_statistics_and_evolution_float32(name, method):
+    """``compute_dtype="bfloat16"``: every convolution in bfloat16; params, BatchNorm statistics and gradients float32.
+
+    Traced (no compute) under strict promotion, forward and backward. The RDA evolution runs
+    on the float32 kernels before they are cast, and the batch moments are float32.
+    """
+    model = get_model(name, method, compute_dtype="bfloat16")
+    assert model.config.jnp_compute_dtype == jnp.bfloat16 and model.config.jnp_dtype == jnp.float32
+    x = _images(hw=32)
+    v = _shapes(model, x)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(v)} == {jnp.dtype(jnp.float32)}
+
+    def loss(p, s):
+        logits, updates = model.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(logits.astype(jnp.float32))), (logits, updates)
+
+    grads, (logits, updates) = jax.eval_shape(jax.grad(loss, has_aux=True), v["params"], v["batch_stats"])
+    assert logits.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree_util.tree_leaves((grads, updates))} == {jnp.dtype(jnp.float32)}
+    text = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(v))
+    conv_dtypes = re.findall(r":(\w+)\[[\d,]*\] = conv_general_dilated", text)
+    assert conv_dtypes and set(conv_dtypes) == {"bf16"}, conv_dtypes
+    with pytest.raises(ValueError, match="compute_dtype='float32' with dtype='float64'"):
+        get_model(name, method, dtype="float64", compute_dtype="float32")
+    with pytest.raises(ValueError, match="compute_dtype='float16' is not supported"):
+        get_model(name, method, compute_dtype="float16")
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -24,3 +24,12 @@ def test_optimizer_spec_is_hashable_and_built_from_the_config():
     spec = optim.OptimizerSpec.from_config(default.get_config(), 195)
     assert hash(spec) == hash(optim.OptimizerSpec.from_config(default.get_config(), 195))
     assert (spec.learning_rate, spec.lr_boundaries_epochs, spec.steps_per_epoch) == (0.1, (150, 300), 195)
+
+
+def test_host_learning_rate_is_the_schedule_bit_for_bit():
+    """The training loop reads the rate on the host (no device computation inside an epoch): the same float32 numbers."""
+    config = default.get_config()
+    config.lr_boundaries_epochs, config.lr_decay_factor = (40, 80, 100), 0.3
+    schedule = optim.learning_rate_schedule(config, steps_per_epoch=7)
+    for step in (0, 279, 280, 559, 560, 699, 700, 10_000):
+        assert optim.learning_rate_at(config, 7, step) == float(schedule(step)), step

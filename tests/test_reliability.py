@@ -27,7 +27,6 @@ images, which the data layer would refuse: a corrupted item that got past it), p
 that epoch 1 never draws it and epoch 2 does.
 """
 
-import errno
 import hashlib
 import json
 import math
@@ -49,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
 
-from anodev2_jax import checkpoints, data, errors, stopping, training  # noqa: E402
+from anodev2_jax import checkpoints, data, errors, training  # noqa: E402
 
 # ----------------------------------------------------------------------------- helpers
 

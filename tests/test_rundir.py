@@ -81,7 +81,7 @@ def test_read_metrics_drops_a_cut_off_last_line_and_refuses_damage(tmp_path):
     }
     for what, data in damaged.items():
         path.write_bytes(data)
-        with pytest.raises(errors.ConfigError, match=f"metrics.jsonl line 2 is not .*delete that line") as info:
+        with pytest.raises(errors.ConfigError, match="metrics.jsonl line 2 is not .*delete that line") as info:
             rundir.read_metrics(path, 4)
         assert "\n" not in str(info.value), what
 

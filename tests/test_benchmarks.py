@@ -21,6 +21,7 @@ COMMANDS = {
     "memory": [str(BENCH / "memory.py"), "--quick", "--remat", "block"],
     "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
     "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
+    "rda_consistency": [str(BENCH / "rda_consistency.py"), "--quick"],
 }
 
 
@@ -85,3 +86,8 @@ def test_conv_kernels_quick(outputs):
     if _has("torch"):
         must.append("PyTorch convolution_backward, channels_last")
     _check(outputs, "conv_kernels", must)
+
+
+@pytest.mark.slow
+def test_rda_consistency_quick(outputs):
+    _check(outputs, "rda_consistency", ["B.4 vs Eq. 2.6 (tanh)", "RK4 x1 vs x64", "ResNet-4 3x3x16x16"])

@@ -36,21 +36,25 @@ def objective(z1):
 
 
 def make_loss(schedule, adjoint="autodiff", remat="none"):
+    block = make_block(schedule, adjoint, remat)
+    return lambda *args: objective(block(*args))
+
+
+def make_block(schedule, adjoint="autodiff", remat="none"):
     steps_z, steps_w = SCHEDULES[schedule]
 
-    def loss(z0, theta, evolution, kernel):
-        z1 = coupled_block(tiny_f, z0, theta, evolution, steps_z=steps_z, steps_w=steps_w, schedule=schedule,
-                           time_kernel=kernel, adjoint=adjoint, remat=remat)
-        return objective(z1)
+    def block(z0, theta, evolution, kernel):
+        return coupled_block(tiny_f, z0, theta, evolution, steps_z=steps_z, steps_w=steps_w, schedule=schedule,
+                             time_kernel=kernel, adjoint=adjoint, remat=remat)
 
-    return loss
+    return block
 
 
-def hand_grads(z0, theta, evolution, kernel, schedule):
+def hand_grads(z0, theta, evolution, kernel, schedule, z1_bar):
+    """The hand-written adjoint's gradients for the output cotangent ``z1_bar``."""
     steps_z, steps_w = SCHEDULES[schedule]
     kw = dict(steps_z=steps_z, steps_w=steps_w, schedule=schedule, time_kernel=kernel)
-    z1 = coupled_block(tiny_f, z0, theta, evolution, **kw)
-    _, grads = discrete_adjoint(tiny_f, z0, theta, evolution, jax.grad(objective)(z1), **kw)
+    _, grads = discrete_adjoint(tiny_f, z0, theta, evolution, z1_bar, **kw)
     return grads[0], grads[1], grads[2], (None if kernel is None else grads[4])
 
 
@@ -86,9 +90,9 @@ def test_autodiff_equals_adjoint_equals_finite_differences(operator, kernel_name
 
     @jax.jit
     def run(args, batch):
-        auto = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
-        hand = hand_grads(*args, schedule)
-        return auto, hand, jax.vmap(loss)(*batch)
+        z1, block_vjp = jax.vjp(make_block(schedule), *args)
+        z1_bar = jax.grad(objective)(z1)  # dJ/dz(1): the terminal condition of Eq. 2.5a
+        return block_vjp(z1_bar), hand_grads(*args, schedule, z1_bar), jax.vmap(loss)(*batch)
 
     auto, hand, values = run(args, shifted_batch(args, directions))
     assert jax.tree_util.tree_structure(hand) == jax.tree_util.tree_structure(auto)
@@ -122,22 +126,22 @@ def test_every_remat_mode_and_vmap(operator, kernel_name, schedule):
     other = jax.tree_util.tree_map(lambda x: x * 1.1 + 0.01, args)
     batch = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), args, other)
     grad = lambda adjoint, remat: jax.grad(make_loss(schedule, adjoint, remat), argnums=(0, 1, 2, 3))
-    # adjoint="discrete" with "block", "step" or "binomial" is one program (coupled_block adds
-    # only the block checkpoint around the custom_vjp): "binomial" stands for the three
-    modes = [("autodiff", r) for r in ("block", "step", "binomial")] + [("discrete", r) for r in ("none", "binomial")]
 
     @jax.jit
     def run(args, batch):
         ref = grad("autodiff", "none")(*args)
-        grads = {mode: grad(*mode)(*args) for mode in modes}
-        vmapped = {a: jax.vmap(grad(a, "block"))(*batch) for a in ("autodiff", "discrete")}
+        grads = {mode: grad(*mode)(*args) for mode in (("autodiff", "block"), ("autodiff", "binomial"), ("discrete", "none"))}
+        # the vmapped gradients are the two remaining modes: autodiff "step" and discrete
+        # "binomial" (adjoint="discrete" with "block", "step" or "binomial" is one program:
+        # coupled_block adds only the block checkpoint around the custom_vjp)
+        vmapped = {"autodiff": jax.vmap(grad("autodiff", "step"))(*batch), "discrete": jax.vmap(grad("discrete", "binomial"))(*batch)}
         return ref, grads, vmapped
 
     ref, grads, vmapped = run(args, batch)
     for (adjoint, remat), g in grads.items():
         assert max_rel_err(g, ref) <= (1e-12 if adjoint == "autodiff" else 1e-8), (adjoint, remat)
+    assert max_rel_err(jax.tree_util.tree_map(lambda x: x[0], vmapped["autodiff"]), ref) <= 1e-12
     assert max_rel_err(vmapped["discrete"], vmapped["autodiff"]) <= 1e-8
-    assert max_rel_err(jax.tree_util.tree_map(lambda x: x[0], vmapped["discrete"]), ref) <= 1e-8
 
 
 def test_two_evolved_leaves_under_one_kernel():
@@ -147,9 +151,10 @@ def test_two_evolved_leaves_under_one_kernel():
 
     @jax.jit
     def run(args):
-        auto = jax.grad(make_loss("endpoints"), argnums=(0, 1, 2, 3))(*args)
+        z1, block_vjp = jax.vjp(make_block("endpoints"), *args)
+        z1_bar = jax.grad(objective)(z1)
         disc = jax.grad(make_loss("endpoints", "discrete"), argnums=(0, 1, 2, 3))(*args)
-        return auto, disc, hand_grads(*args, "endpoints")
+        return block_vjp(z1_bar), disc, hand_grads(*args, "endpoints", z1_bar)
 
     auto, disc, hand = run(args)
     assert max_rel_err(disc, auto) <= 1e-8

@@ -28,11 +28,10 @@ def objective(z1):
     return jnp.sum(jnp.sin(z1)) + 0.5 * jnp.sum(z1**2)
 
 
-@pytest.mark.parametrize("operator", ["ode_user_q", "mlp"])
-def test_euler_on_the_matching_grid_is_coupled_block(operator):
+def test_euler_on_the_matching_grid_is_coupled_block():
     # diffrax Euler on (z, w) with dt0 = 1/N is coupled_block with N aligned Euler steps for z,
     # the Euler-stepped operator for w and the Dirac kernel: values and DTO gradients agree
-    z0, theta, evolution = tiny_problem(jax.random.PRNGKey(0), operator)
+    z0, theta, evolution = tiny_problem(jax.random.PRNGKey(0), "ode_user_q")
     op = evolution["w1"]
     evolution = dict(evolution, w1=ODEEvolution(op.q, op.params, solver="euler"))
     n = 4
@@ -99,7 +98,7 @@ def test_backsolve_gradient_is_close_to_but_not_the_dto_gradient():
     kernel = ExponentialKernel(jnp.asarray(2.0, F64))
 
     def loss(args, dt0, adjoint):
-        z1 = coupled_odeint_diffrax(tiny_f, *args, solver=diffrax.Tsit5(), dt0=dt0, adjoint=adjoint, time_kernel=kernel)
+        z1 = coupled_odeint_diffrax(tiny_f, *args, solver=diffrax.Midpoint(), dt0=dt0, adjoint=adjoint, time_kernel=kernel)
         return objective(z1)
 
     @jax.jit  # dt0 is traced: one compilation for both grids
@@ -108,9 +107,9 @@ def test_backsolve_gradient_is_close_to_but_not_the_dto_gradient():
         backsolve = jax.grad(loss)(args, dt0, diffrax.BacksolveAdjoint())
         return dto, backsolve
 
-    errs = [max_rel_err(*reversed(gap((z0, theta, evolution), dt0))) for dt0 in (0.25, 0.125)]
-    assert errs[1] < errs[0] / 4, errs  # Tsit5 is 5th order: the gap falls fast
-    assert 1e-12 < errs[1] < 1e-3, errs
+    errs = [max_rel_err(*reversed(gap((z0, theta, evolution), dt0))) for dt0 in (0.125, 0.0625)]
+    assert errs[1] < errs[0] / 3, errs  # Midpoint is 2nd order: the gap falls about 4x per halving
+    assert 1e-12 < errs[1] < 1e-2, errs
 
 
 class StepOnly(eqx.Module):

@@ -1,17 +1,10 @@
 """Evolution operators: the weight network ``dw/dt = q(w; p)`` of Eq. 2.3c (RDA Eq. 2.6, linear, any q, MLP).
 
-An *evolution operator* is a JAX pytree whose array leaves are its learnable parameters
-``p`` and which has
-
-* ``step(w, dt) -> w_next``: one step of ``dw/dt = q(w; p)`` on the weight grid
-  ``tau_m = m * dt`` (same shape and dtype as ``w``; ``dt`` is a Python float), and
-* where the operator has one, ``rhs(w) -> dw/dt`` (used by continuous-time solvers).
-
-The provided operators are :class:`equinox.Module` s (static configuration in
-``eqx.field(static=True)``). A user operator needs no base class: any pytree with a
-callable ``step`` is one (:func:`is_operator`); an optional ``check(w, *, name)`` validates
-it against the kernel it will evolve before any compute. ``RDACoeffs`` (Eq. B.4, a
-discrete map) is handled by :mod:`anodev2_jax.trajectory` and keeps its analytic adjoint.
+An evolution operator is a JAX pytree whose array leaves are its learnable parameters
+``p``, with ``step(w, dt) -> w_next`` (one step on the weight grid, ``w``'s shape and
+dtype; ``dt`` a Python float) and, where it has one, ``rhs(w) -> dw/dt`` (for continuous
+solvers). ``RDACoeffs`` (Eq. B.4, a discrete map) is not one: :mod:`anodev2_jax.trajectory`
+handles it and keeps its analytic adjoint.
 """
 
 from __future__ import annotations
@@ -64,7 +57,12 @@ def check_substeps(value, *, name: str = "substeps") -> None:
 
 
 def is_operator(x) -> bool:
-    """Whether ``x`` is an evolution operator: not a container, with a callable ``step`` (duck-typed)."""
+    """Whether ``x`` is an evolution operator: not a container, with a callable ``step``.
+
+    Duck-typed on purpose: a user operator needs no base class (any pytree with ``step``,
+    e.g. an ``equinox.Module``; an optional ``check(w, *, name)`` validates it against its
+    kernel). The provided ones subclass :class:`AbstractEvolution`.
+    """
     if x is None or isinstance(x, (RDACoeffs, tuple, list, dict)):
         return False
     return callable(getattr(x, "step", None))

@@ -1,18 +1,9 @@
 """Time kernels K of Eq. 2.3d, ``theta(t) = int_0^t K(t - tau) w(tau) dtau``, as quadrature weights on the weight grid.
 
-A *time kernel* is a JAX pytree (learnable array leaves) with ``weights(t, tau) -> kappa``
-of shape ``(len(t), len(tau))``: activation step ``n`` uses ``theta_n = sum_m kappa[n, m] w_m``.
-``t`` and ``tau`` are concrete NumPy float64 arrays (the grid is static):
-
-* ``tau_m = m * dt``, ``m = 0..M``, ``dt = 1/steps_w``: the weight trajectory's grid, up to
-  ``M`` = the largest trajectory index any activation step uses (a causal kernel needs no
-  later weight).
-* ``t_n = tau[idx_n] = idx_n * dt`` with ``idx_n`` the schedule's trajectory index
-  (:func:`anodev2_jax.trajectory.trajectory_indices`): the schedule's time of step ``n``
-  rounded onto the weight grid. So *causal* (``kappa[n, m] = 0`` where ``tau_m > t_n``)
-  means ``m <= idx_n``, and the Dirac delta is ``kappa[n, idx_n] = 1``: today's weights.
-
-Kernels act on evolved leaves only; leaves held static stay ``w0``.
+A time kernel is a JAX pytree (learnable array leaves) with ``weights(t, tau) -> kappa``,
+shape ``(len(t), len(tau))``: activation step ``n`` uses ``theta_n = sum_m kappa[n, m] w_m``
+(see :meth:`AbstractTimeKernel.weights` for the grids). Kernels act on evolved leaves
+only; leaves held static stay ``w0``.
 """
 
 from __future__ import annotations
@@ -56,7 +47,18 @@ class AbstractTimeKernel(eqx.Module):
 
     @abc.abstractmethod
     def weights(self, t, tau) -> Float[Array, "n m"]:
-        """Quadrature weights ``kappa[n, m]`` of Eq. 2.3d on the grids ``t`` (steps) and ``tau`` (weights)."""
+        """Quadrature weights ``kappa[n, m]`` of Eq. 2.3d, shape ``(len(t), len(tau))``.
+
+        Args:
+          t: concrete NumPy float64 array, ``t_n = idx_n * dt``: the time of activation
+            step ``n`` on the weight grid (``idx_n`` its trajectory index, see
+            :func:`anodev2_jax.trajectory.kernel_grid`).
+          tau: concrete NumPy float64 array, the weight grid ``tau_m = m * dt``,
+            ``m = 0..M``; ``t`` is a subset of it, so ``tau_m <= t_n`` compares exactly.
+
+        A kernel must be causal: ``kappa[n, m] = 0`` where ``tau_m > t_n`` (i.e. ``m > idx_n``).
+        The Dirac delta is ``kappa[n, idx_n] = 1``.
+        """
 
 
 class DiracKernel(AbstractTimeKernel):

@@ -148,11 +148,11 @@ def split_tree(theta0: PyTree, evolution: PyTree, *, dt: float = 1.0):
     return flat_theta, flat_evo, treedef
 
 
-def weight_trajectories(flat_theta, flat_coeffs, spec: BlockSpec):
+def weight_trajectories(flat_theta, flat_evolution, spec: BlockSpec):
     """Per-leaf weight trajectories ``[W_0, ..., W_M]`` (lists, ``M = spec.num_rda_steps``) for evolved leaves, None for static."""
     dt = 1.0 / spec.steps_w
     out = []
-    for w, c in zip(flat_theta, flat_coeffs):
+    for w, c in zip(flat_theta, flat_evolution):
         if c is None:
             out.append(None)
         elif not isinstance(c, RDACoeffs):  # an evolution operator: Eq. 2.3c by its own step
@@ -169,9 +169,18 @@ def weight_trajectories(flat_theta, flat_coeffs, spec: BlockSpec):
 def kernel_grid(spec: BlockSpec) -> tuple[np.ndarray, np.ndarray]:
     """The grids ``(t, tau)`` a time kernel's ``weights`` is evaluated on (concrete NumPy float64).
 
-    ``tau_m = m / steps_w`` for ``m = 0..M`` (``M = spec.num_rda_steps``, the last weight any
-    step uses) and ``t_n = tau[idx_n]``: the schedule's time rounded onto the weight grid,
-    so ``tau_m <= t_n`` exactly when ``m <= idx_n`` (see :mod:`anodev2_jax.time_kernels`).
+    ``tau_m = m / steps_w`` for ``m = 0..M``, ``M = spec.num_rda_steps`` (the last weight
+    any step uses: a causal kernel needs no later one), and ``t_n = tau[idx_n]``.
+
+    Why ``t_n = idx_n * dt`` (DESIGN.md says "the schedule's tau_n"): it is the schedule's
+    time rounded onto the weight grid, the time of the weights step ``n`` uses today, so
+    the Dirac kernel is exactly ``kappa[n, idx_n] = 1`` (today's result) and causality,
+    ``tau_m <= t_n``, means exactly ``m <= idx_n`` (``t`` is taken from ``tau`` itself, no
+    round-off in the comparison). With ``"aligned"`` the two times coincide; with
+    ``"endpoints"`` and ``steps_w`` not a multiple of ``steps_z - 1`` they differ by the
+    rounding of :func:`trajectory_indices`. (The activation step itself sits at ``n / steps_z``
+    on the activation grid; configuration 2 applies ``w(1)`` at activation time 1/2, so the
+    kernel lives on weight time, as the trajectory index does.)
     """
     tau = np.arange(spec.num_rda_steps + 1, dtype=np.float64) / spec.steps_w
     return tau[np.asarray(spec.indices)], tau

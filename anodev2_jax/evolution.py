@@ -105,6 +105,24 @@ def evolve(op, w0: Float[Array, "kh kw ..."], *, num_steps: int, dt: float, traj
     return jnp.stack(ws) if trajectory else ws[-1]
 
 
+def _spatial_matmul(g, w):
+    """``g @ w`` over the row-major flattened spatial values (the values of :func:`anodev2_jax.rda.apply_matrix`).
+
+    Written as a 2-D matmul (one ``(K, K)`` generator) or a batched one (``(cout, K, K)``,
+    one per output filter) because XLA:CPU runs their gradients much faster than the
+    einsum's (measured on a 5x5x64x64 kernel, float32: one RK4 step of ``RDAEquation``,
+    forward 4.1 -> 1.4 ms and gradient 12.1 -> 2.1 ms; per filter, four products 2.0 ->
+    0.9 ms forward, 4.9 -> 2.9 ms gradient). Other generator shapes use ``apply_matrix``.
+    """
+    k = w.shape[0] * w.shape[1]
+    if g.ndim == 2:
+        return (g @ w.reshape(k, -1)).reshape(w.shape)
+    if g.ndim == 3 and w.ndim >= 3 and g.shape[0] == w.shape[-1]:
+        x = jnp.moveaxis(w.reshape(k, -1, w.shape[-1]), -1, 0)  # (cout, K, rest)
+        return jnp.moveaxis(g @ x, 0, -1).reshape(w.shape)
+    return apply_matrix(w, g)
+
+
 def _step_length(dt, substeps: int, dtype):
     h = dt / substeps
     # a Python float keeps ode.axpy's weak typing; an array must be the kernel's dtype (strict promotion)
@@ -172,7 +190,7 @@ class RDAEquation(AbstractEvolution):
         """``x -> L x`` for kernels shaped like ``w``: the generator matrix or the multiplier, built once."""
         if use_matrix(w.shape, jnp.shape(self.d)):
             g = generator_matrix(w.shape[:2], self.coeffs, w.dtype)
-            return lambda x: apply_matrix(x, g)
+            return lambda x: _spatial_matmul(g, x)
         lam = spectral_symbol(w.shape[:2], self.coeffs, w.dtype)
         return lambda x: apply_multiplier(x, lam)
 
@@ -269,11 +287,11 @@ class LinearEvolution(AbstractEvolution):
 
     def rhs(self, w):
         """``G w``."""
-        return apply_matrix(w, self.generator.astype(w.dtype))
+        return _spatial_matmul(self.generator.astype(w.dtype), w)
 
     def step(self, w, dt):
         p = _expm(jnp.asarray(dt, w.dtype) * self.generator.astype(w.dtype))
-        return apply_matrix(w, p)
+        return _spatial_matmul(p, w)
 
 
 class ODEEvolution(AbstractEvolution):

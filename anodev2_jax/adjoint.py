@@ -2,8 +2,9 @@
 
 Forward (see :mod:`anodev2_jax.coupled` and :mod:`anodev2_jax.trajectory`), forward Euler with ``h = 1/N``, ``N = steps_z``:
 
-    W_{m+1} = sigma(u_m),   u_m = A W_m,   A = IFFT2 . diag(exp(dt lam)) . FFT2,   m < M
-    z_{n+1} = z_n + h f(z_n, theta_n),     theta_n = W_{idx_n} (evolved) / w (static)
+    W_{m+1} = Phi(W_m; p),                 m < M     (Eq. 2.3c; B.4: Phi = sigma . A, A = IFFT2 . diag(exp(dt lam)) . FFT2)
+    theta_n = sum_m kappa[n, m] W_m                  (Eq. 2.3d; no kernel: theta_n = W_{idx_n}) / w (static)
+    z_{n+1} = z_n + h f(z_n, theta_n)
 
 Backward, with the cotangent convention ``a_bar = dJ/da`` (the paper's multipliers are the
 negatives: ``alpha = -z_bar``):
@@ -11,23 +12,30 @@ negatives: ``alpha = -z_bar``):
 * alpha recursion (Eq. 2.5a, discrete): ``alpha_N = dJ/dz_N``;
   ``alpha_n = alpha_{n+1} + (h df/dz(z_n, theta_n))^T alpha_{n+1}``.
 * gamma (Eq. 2.5b): ``gamma_n = (h df/dtheta(z_n, theta_n))^T alpha_{n+1}``, the gradient
-  with respect to the weights that step ``n`` used. This and the alpha update are the only
-  autodiff in this module: one ``jax.vjp`` of ``f`` per step.
-* beta recursion (Eq. 2.5c with ``K = delta``: ``gamma`` enters as a source at the
-  trajectory index each step used, ``Gamma_m = sum_{n: idx_n = m} gamma_n``):
-  ``beta_M = Gamma_M``;  ``beta_m = Gamma_m + A^T (sigma'(u_m) * beta_{m+1})``, where
-  ``A^T = IFFT2 . diag(conj(exp(dt lam))) . FFT2`` (the conjugate Fourier multiplier).
+  with respect to the weights that step ``n`` used. This and the alpha update are one
+  ``jax.vjp`` of ``f`` per step.
+* Gamma (the source of Eq. 2.5c, discrete): ``Gamma_m = sum_n kappa[n, m] gamma_n``; without
+  a kernel (``K = delta``) ``Gamma_m = sum_{n: idx_n = m} gamma_n``.
+* beta recursion (Eq. 2.5c): ``beta_M = Gamma_M``;  ``beta_m = Gamma_m + (dPhi/dW(W_m))^T beta_{m+1}``.
+  For ``RDACoeffs`` written out: ``(dPhi/dW)^T b = A^T (sigma'(u_m) * b)``, ``u_m = A W_m``,
+  ``A^T = IFFT2 . diag(conj(exp(dt lam))) . FFT2`` (the conjugate Fourier multiplier). For
+  any other operator: one ``jax.vjp`` of its ``step`` per weight step (a local derivative,
+  like ``f``'s), :func:`operator_adjoint`.
 * Eq. 2.5d: ``dJ/dw_0 = beta_0``.
-* Eq. 2.5e: ``dJ/dp = sum_m <sigma'(u_m) * beta_{m+1}, d(A W_m)/dp>`` with
-  ``d(A W)/dp = IFFT2(dt * dlam/dp * exp(dt lam) * FFT2(W))`` and ``dlam/dd = -|k|^2``,
-  ``dlam/dv_j = i k_j``, ``dlam/drho = 1``; evaluated bin by bin with Parseval's identity.
+* Eq. 2.5e: ``dJ/dp = sum_m (dPhi/dp(W_m))^T beta_{m+1}``. For ``RDACoeffs``:
+  ``<sigma'(u_m) * beta_{m+1}, d(A W_m)/dp>`` with ``d(A W)/dp = IFFT2(dt * dlam/dp * exp(dt lam) * FFT2(W))``
+  and ``dlam/dd = -|k|^2``, ``dlam/dv_j = i k_j``, ``dlam/drho = 1``, evaluated bin by bin with
+  Parseval's identity; for operators the same ``jax.vjp`` (its cotangent for the operator pytree).
+* The kernel's parameters: ``sum_{n, m} <gamma_n, W_m> dkappa[n, m]/dparams``, one ``jax.vjp``
+  of ``kernel.weights`` with the cotangent ``C[n, m] = sum_leaves <gamma_n, W_m>``.
 
 ``sigma'`` is written out for ``tanh`` (``1 - W_{m+1}^2``), ``jax.nn.sigmoid``,
 ``jax.nn.relu`` and the identity (``nonlinearity=None``); any other elementwise
 ``sigma`` is differentiated by one forward-mode product with a ones tangent.
 
 Memory: the forward keeps ``z_0 .. z_{N-1}`` (one activation per step, ANODE's checkpoints)
-and the small weight trajectories; each step's internals are recomputed by its ``jax.vjp``.
+and the small weight trajectories; each step's internals are recomputed by its ``jax.vjp``,
+as are ``u_m`` and the kernel weights.
 """
 
 from __future__ import annotations
@@ -38,10 +46,20 @@ import jax
 import jax.numpy as jnp
 
 from anodev2_jax import ode
-from anodev2_jax.trajectory import BlockSpec, is_evolution_leaf, make_spec, split_tree, weight_trajectories, weights_at_step
 from anodev2_jax.rda import RDACoeffs, align, apply_multiplier, rda_multiplier, wavenumbers
+from anodev2_jax.trajectory import (
+    BlockSpec,
+    is_evolution_leaf,
+    kernel_grid,
+    make_spec,
+    mix_trajectories,
+    split_tree,
+    time_weights,
+    weight_trajectories,
+    weights_at_step,
+)
 
-__all__ = ["discrete_adjoint", "coupled_block_discrete", "rda_adjoint"]
+__all__ = ["discrete_adjoint", "coupled_block_discrete", "rda_adjoint", "operator_adjoint", "as_arrays"]
 
 PyTree = Any
 
@@ -124,26 +142,67 @@ def rda_adjoint(traj, coeffs: RDACoeffs, gammas, *, dt, nonlinearity):
     return beta, coeffs_bar
 
 
-def _as_arrays(coeffs):
-    """Turn Python-number coefficients into arrays so cotangents have a dtype to match."""
-    if coeffs is None:
+def operator_adjoint(traj, op, gammas, *, dt):
+    """Backward beta recursion of Eq. 2.5c-e for a kernel evolved by an operator's ``step``.
+
+    One ``jax.vjp`` of ``(op, W) -> op.step(W, dt)`` per weight step (recomputing the step
+    forward from the saved ``W_m``): its ``W`` cotangent is ``(dPhi/dW)^T beta_{m+1}``, its
+    operator cotangent the Eq. 2.5e term, summed over ``m``.
+
+    Args:
+      traj: forward trajectory ``[W_0, ..., W_M]`` of the kernel.
+      op: its evolution operator (a pytree).
+      gammas: list of length ``M + 1``, ``gammas[m]`` = ``Gamma_m`` (``None`` if zero).
+      dt: weight step length.
+
+    Returns:
+      ``(w0_bar, op_bar)``: Eq. 2.5d and Eq. 2.5e (``op_bar`` has ``op``'s structure).
+    """
+    m_count = len(traj) - 1
+    beta = jnp.zeros_like(traj[0]) if gammas[m_count] is None else gammas[m_count]
+    op_bar = jax.tree_util.tree_map(jnp.zeros_like, op)
+    for m in range(m_count - 1, -1, -1):
+        _, vjp = jax.vjp(lambda o, w: o.step(w, dt), op, traj[m])
+        o_bar, w_bar = vjp(beta)
+        beta = w_bar if gammas[m] is None else gammas[m] + w_bar
+        op_bar = jax.tree_util.tree_map(jnp.add, op_bar, o_bar)
+    return beta, op_bar
+
+
+def _leaf_as_array(x):
+    return jnp.asarray(x) if isinstance(x, (float, np.floating, np.ndarray)) else x
+
+
+def as_arrays(evolution):
+    """Turn Python-number coefficients / operator parameters into arrays so cotangents have a dtype to match."""
+    if evolution is None:
         return None
-    return jax.tree_util.tree_map(
-        lambda c: None if c is None else RDACoeffs(*(jnp.asarray(x) for x in c)),
-        coeffs,
-        is_leaf=is_evolution_leaf,
-    )
+
+    def convert(c):
+        if c is None:
+            return None
+        if isinstance(c, RDACoeffs):
+            return RDACoeffs(*(jnp.asarray(x) for x in c))
+        return jax.tree_util.tree_map(_leaf_as_array, c)
+
+    return jax.tree_util.tree_map(convert, evolution, is_leaf=is_evolution_leaf)
 
 
-def _fwd_impl(f, spec: BlockSpec, z0, theta0, coeffs, step_args):
+def _kappa(kernel, spec: BlockSpec):
+    return None if kernel is None else time_weights(kernel, spec)
+
+
+def _fwd_impl(f, spec: BlockSpec, z0, theta0, evolution, kernel, step_args):
     """Forward Euler solve keeping the per-step checkpoints ``z_0..z_{N-1}`` and trajectories."""
-    flat_theta, flat_coeffs, treedef = split_tree(theta0, coeffs)
-    trajs = weight_trajectories(flat_theta, flat_coeffs, spec)
+    flat_theta, flat_evo, treedef = split_tree(theta0, evolution, dt=1.0 / spec.steps_w)
+    trajs = weight_trajectories(flat_theta, flat_evo, spec)
+    kappa = _kappa(kernel, spec)
+    mixed = None if kappa is None else mix_trajectories(trajs, kappa)
     h = 1.0 / spec.steps_z
     zs, auxs, z = [], [], z0
     for n in range(spec.steps_z):
         zs.append(z)
-        theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n)
+        theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n, mixed)
         args_n = None if step_args is None else ode.tree_slice(step_args, n)
         dz, aux = ode.apply_f(f, z, theta_n, args_n, spec.has_aux)
         z = ode.axpy(h, dz, z)
@@ -152,15 +211,37 @@ def _fwd_impl(f, spec: BlockSpec, z0, theta0, coeffs, step_args):
     return out, (zs, trajs)
 
 
-def _bwd_impl(f, spec: BlockSpec, theta0, coeffs, step_args, zs, trajs, z1_bar):
-    flat_theta, flat_coeffs, treedef = split_tree(theta0, coeffs)
+def _kernel_sources(kernel, spec: BlockSpec, trajs, step_gammas):
+    """With a time kernel: ``Gamma_m = sum_n kappa[n, m] gamma_n`` per evolved leaf, and the kernel's gradient."""
+    t, tau = kernel_grid(spec)
+    kappa, kappa_vjp = jax.vjp(lambda k: k.weights(t, tau), kernel)
+    gammas = []
+    c = jnp.zeros(kappa.shape, kappa.dtype)  # C[n, m] = sum over leaves of <gamma_n, W_m>
+    for traj, per_step in zip(trajs, step_gammas):
+        if traj is None:
+            gammas.append(None)
+            continue
+        g = jnp.stack(per_step)  # (N, ...)
+        w = jnp.stack(traj)  # (M + 1, ...)
+        sources = jnp.tensordot(kappa.T.astype(g.dtype), g, axes=1)  # (M + 1, ...)
+        gammas.append([sources[m] for m in range(len(traj))])
+        c = c + jnp.tensordot(g, w, axes=(tuple(range(1, g.ndim)), tuple(range(1, w.ndim)))).astype(kappa.dtype)
+    (kernel_bar,) = kappa_vjp(c)
+    return gammas, kernel_bar
+
+
+def _bwd_impl(f, spec: BlockSpec, theta0, evolution, kernel, step_args, zs, trajs, z1_bar):
+    flat_theta, flat_evo, treedef = split_tree(theta0, evolution, dt=1.0 / spec.steps_w)
+    kappa = _kappa(kernel, spec)
+    mixed = None if kappa is None else mix_trajectories(trajs, kappa)
     h = 1.0 / spec.steps_z
-    gammas = [None if t is None else [None] * len(t) for t in trajs]
+    gammas = [None if t is None else [None] * len(t) for t in trajs]  # Gamma_m (no kernel)
+    step_gammas = [None if t is None else [None] * spec.steps_z for t in trajs]  # gamma_n (kernel)
     static_bar = [None] * len(flat_theta)
     args_bar = [None] * spec.steps_z
     alpha = z1_bar
     for n in range(spec.steps_z - 1, -1, -1):
-        theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n)
+        theta_n = weights_at_step(flat_theta, trajs, treedef, spec, n, mixed)
         args_n = None if step_args is None else ode.tree_slice(step_args, n)
 
         def f_n(z, theta, args):
@@ -174,33 +255,43 @@ def _bwd_impl(f, spec: BlockSpec, theta0, coeffs, step_args, zs, trajs, z1_bar):
         for i, g in enumerate(treedef.flatten_up_to(theta_bar)):  # Eq. 2.5b
             if trajs[i] is None:
                 static_bar[i] = g if static_bar[i] is None else static_bar[i] + g
+            elif kappa is not None:
+                step_gammas[i][n] = g
             else:
                 gammas[i][m] = g if gammas[i][m] is None else gammas[i][m] + g
 
-    leaves_bar, coeffs_bar = [], []
-    for i, (w, c) in enumerate(zip(flat_theta, flat_coeffs)):
+    kernel_bar = None
+    if kernel is not None:
+        gammas, kernel_bar = _kernel_sources(kernel, spec, trajs, step_gammas)
+
+    dt = 1.0 / spec.steps_w
+    leaves_bar, evo_bar = [], []
+    for i, (w, c) in enumerate(zip(flat_theta, flat_evo)):
         if c is None:
             leaves_bar.append(jnp.zeros_like(w) if static_bar[i] is None else static_bar[i])
-            coeffs_bar.append(None)
+            evo_bar.append(None)
         else:
-            w_bar, c_bar = rda_adjoint(trajs[i], c, gammas[i], dt=1.0 / spec.steps_w, nonlinearity=spec.nonlinearity)
+            if isinstance(c, RDACoeffs):
+                w_bar, c_bar = rda_adjoint(trajs[i], c, gammas[i], dt=dt, nonlinearity=spec.nonlinearity)
+            else:
+                w_bar, c_bar = operator_adjoint(trajs[i], c, gammas[i], dt=dt)
             leaves_bar.append(w_bar)
-            coeffs_bar.append(c_bar)
+            evo_bar.append(c_bar)
     theta0_bar = jax.tree_util.tree_unflatten(treedef, leaves_bar)
-    if coeffs is None:
-        coeffs_bar_tree = None
+    if evolution is None:
+        evo_bar_tree = None
     else:
-        c_treedef = jax.tree_util.tree_structure(coeffs, is_leaf=is_evolution_leaf)
-        coeffs_bar_tree = jax.tree_util.tree_unflatten(c_treedef, coeffs_bar)
+        e_treedef = jax.tree_util.tree_structure(evolution, is_leaf=is_evolution_leaf)
+        evo_bar_tree = jax.tree_util.tree_unflatten(e_treedef, evo_bar)
     step_args_bar = None if step_args is None else ode.stack_aux(args_bar)
-    return alpha, theta0_bar, coeffs_bar_tree, step_args_bar
+    return alpha, theta0_bar, evo_bar_tree, kernel_bar, step_args_bar
 
 
 def discrete_adjoint(
     f,
     z0,
     theta0: PyTree,
-    coeffs: PyTree,
+    evolution: PyTree,
     z1_bar,
     *,
     steps_z: int,
@@ -208,45 +299,63 @@ def discrete_adjoint(
     schedule: str = "aligned",
     nonlinearity=jnp.tanh,
     step_args: Optional[PyTree] = None,
+    time_kernel=None,
 ):
-    """Value and gradients of the coupled block by the hand-written discrete adjoint (Eq. 2.5).
+    """Value and gradients of the coupled block by the hand-written discrete adjoint (Eq. 2.5 with Eq. 2.3c-d).
 
     Same arguments and semantics as :func:`anodev2_jax.coupled_block` (forward Euler),
     plus ``z1_bar = dJ/dz(1)``, the cotangent of the block output.
 
+    Args:
+      f, z0, theta0, steps_z, steps_w, schedule, nonlinearity, step_args: as in ``coupled_block``.
+      evolution: None, or a pytree with ``theta0``'s structure whose leaves are None,
+        ``RDACoeffs`` or evolution operators (``coupled_block``'s fourth argument).
+      z1_bar: ``dJ/dz(1)``, shape and dtype of ``z0``.
+      time_kernel: None (Dirac, selection) or a time kernel (Eq. 2.3d).
+
     Returns:
-      ``(z1, (z0_bar, theta0_bar, coeffs_bar, step_args_bar))``: the block output and the
+      ``(z1, (z0_bar, theta0_bar, evolution_bar, step_args_bar))``: the block output and the
       gradients of ``J`` with respect to ``z0`` (alpha_0, Eq. 2.5a), ``theta0`` (beta_0,
       Eq. 2.5d, for evolved leaves; the sum of the per-step gammas for static ones),
-      ``coeffs`` (Eq. 2.5e; an ``RDACoeffs`` of gradients per evolved leaf) and ``step_args``.
+      ``evolution`` (Eq. 2.5e; per evolved leaf an ``RDACoeffs`` of gradients or the
+      operator's pytree of gradients) and ``step_args``. With a ``time_kernel`` (not None)
+      the tuple has a fifth entry: the kernel's gradient (a pytree like the kernel).
     """
     spec = make_spec(steps_z, steps_w, schedule, nonlinearity, "euler", False)
-    coeffs = _as_arrays(coeffs)
-    z1, (zs, trajs) = _fwd_impl(f, spec, z0, theta0, coeffs, step_args)
-    return z1, _bwd_impl(f, spec, theta0, coeffs, step_args, zs, trajs, z1_bar)
+    evolution = as_arrays(evolution)
+    time_kernel = None if time_kernel is None else jax.tree_util.tree_map(_leaf_as_array, time_kernel)
+    z1, (zs, trajs) = _fwd_impl(f, spec, z0, theta0, evolution, time_kernel, step_args)
+    z0_bar, theta0_bar, evo_bar, kernel_bar, args_bar = _bwd_impl(
+        f, spec, theta0, evolution, time_kernel, step_args, zs, trajs, z1_bar
+    )
+    grads = (z0_bar, theta0_bar, evo_bar, args_bar)
+    return z1, grads if time_kernel is None else grads + (kernel_bar,)
 
 
-def _primal(f, spec, z0, theta0, coeffs, step_args):
-    return _fwd_impl(f, spec, z0, theta0, coeffs, step_args)[0]
+def _primal(f, spec, z0, theta0, evolution, kernel, step_args):
+    return _fwd_impl(f, spec, z0, theta0, evolution, kernel, step_args)[0]
 
 
-def _primal_fwd(f, spec, z0, theta0, coeffs, step_args):
+def _primal_fwd(f, spec, z0, theta0, evolution, kernel, step_args):
     # Saved: the step checkpoints z_0..z_{N-1}, the weight trajectories and the inputs.
-    # Recomputed in _bwd: each step's internals (inside its jax.vjp) and u_m = A W_m.
-    out, (zs, trajs) = _fwd_impl(f, spec, z0, theta0, coeffs, step_args)
-    return out, (zs, trajs, theta0, coeffs, step_args)
+    # Recomputed in _bwd: each step's internals (inside its jax.vjp), u_m = A W_m (RDA) or
+    # each weight step (inside its jax.vjp), and the kernel weights (inside their jax.vjp).
+    out, (zs, trajs) = _fwd_impl(f, spec, z0, theta0, evolution, kernel, step_args)
+    return out, (zs, trajs, theta0, evolution, kernel, step_args)
 
 
 def _primal_bwd(f, spec, res, out_bar):
-    zs, trajs, theta0, coeffs, step_args = res
+    zs, trajs, theta0, evolution, kernel, step_args = res
     z1_bar = out_bar[0] if spec.has_aux else out_bar  # aux is not differentiated
-    return _bwd_impl(f, spec, theta0, coeffs, step_args, zs, trajs, z1_bar)
+    return _bwd_impl(f, spec, theta0, evolution, kernel, step_args, zs, trajs, z1_bar)
 
 
+# The time kernel is a differentiable input (its gradient is the fourth cotangent), not a nondiff argument.
 _coupled_discrete = jax.custom_vjp(_primal, nondiff_argnums=(0, 1))
 _coupled_discrete.defvjp(_primal_fwd, _primal_bwd)
 
 
-def coupled_block_discrete(f, spec: BlockSpec, z0, theta0, coeffs, step_args):
+def coupled_block_discrete(f, spec: BlockSpec, z0, theta0, evolution, kernel, step_args):
     """``coupled_block`` whose VJP is the hand-written Eq. 2.5 adjoint (used by ``adjoint="discrete"``)."""
-    return _coupled_discrete(f, spec, z0, theta0, _as_arrays(coeffs), step_args)
+    kernel = None if kernel is None else jax.tree_util.tree_map(_leaf_as_array, kernel)
+    return _coupled_discrete(f, spec, z0, theta0, as_arrays(evolution), kernel, step_args)

@@ -33,6 +33,7 @@ __all__ = [
     "check_num_steps",
     "check_choice",
     "check_leading_axis",
+    "make_step",
     "tree_slice",
     "apply_f",
     "axpy",
@@ -189,8 +190,12 @@ def checkpoint(fn: Callable) -> Callable:
     return wrapped
 
 
-def _make_step(f, solver: str, h: float, has_aux: bool):
-    """One explicit step ``z_n -> z_{n+1}`` of the chosen Runge-Kutta method."""
+def make_step(f, solver: str, h: float, has_aux: bool):
+    """One explicit step ``(z_n, theta, args) -> (z_{n+1}, aux)`` of the chosen Runge-Kutta method.
+
+    ``f`` is called as in :func:`apply_f`; ``h`` is the step length (a Python float, or an
+    array of ``z``'s dtype). Also the stepper of :class:`anodev2_jax.evolution.ODEEvolution`.
+    """
 
     def euler(z, theta, args):
         k1, aux = apply_f(f, z, theta, args, has_aux)
@@ -318,7 +323,7 @@ def solve_steps(
     """
     check_choice("remat", remat, REMAT_MODES)
     num_steps = len(thetas)
-    step = _make_step(f, solver, 1.0 / num_steps, has_aux)
+    step = make_step(f, solver, 1.0 / num_steps, has_aux)
     if step_args is None:
         step_args = [None] * num_steps
     if remat == "binomial":

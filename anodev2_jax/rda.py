@@ -28,6 +28,8 @@ __all__ = [
     "spectral_symbol",
     "rda_multiplier",
     "propagator_matrix",
+    "generator_matrix",
+    "use_matrix",
     "apply_multiplier",
     "apply_matrix",
     "align",
@@ -206,8 +208,27 @@ def propagator_matrix(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dty
     return jnp.real(p).astype(dtype)
 
 
-def _use_matrix(kernel_shape: tuple[int, ...], coeff_shape: tuple[int, ...]) -> bool:
+def generator_matrix(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp.float32) -> Float[Array, "... K K"]:
+    """The linear RDA operator ``d Lap + v . grad + rho`` itself as a real ``(kh*kw) x (kh*kw)`` matrix (Eq. B.2).
+
+    ``L = Re(F^-1 diag(lam) F)`` on the row-major flattened ``kh x kw`` grid (as
+    :func:`propagator_matrix`), so ``L @ w.reshape(kh*kw, ...)`` equals
+    ``Re IFFT2(lam FFT2(w))`` and ``expm(dt L)`` is :func:`propagator_matrix`. Returns shape
+    ``S + (K, K)`` for coefficients of batch shape ``S``.
+    """
+    kh, kw = spatial_shape
+    f = np.kron(_dft_matrix(kh), _dft_matrix(kw))
+    lam = spectral_symbol(spatial_shape, coeffs, dtype)
+    s = lam.shape[2:]
+    lam = lam.reshape((kh * kw,) + s)
+    g = jnp.einsum("pk,k...,kq->...pq", jnp.asarray(np.conj(f) / (kh * kw), lam.dtype), lam, jnp.asarray(f, lam.dtype))
+    return jnp.real(g).astype(dtype)
+
+
+def use_matrix(kernel_shape: tuple[int, ...], coeff_shape: tuple[int, ...]) -> bool:
     """Whether :func:`evolve_weights` applies the exact step as the matrix ``P`` or by FFT.
+
+    (Also used by :class:`anodev2_jax.evolution.RDAEquation` for its generator.)
 
     Both are the same exact solution (the tests check one against the other). For 3x3 and
     5x5 kernels one small matrix product per step is about 10x faster than XLA's FFT on CPU
@@ -289,7 +310,7 @@ def evolve_weights(
     if nonlinearity is not None and not callable(nonlinearity):
         raise TypeError(f"nonlinearity={nonlinearity!r} must be callable or None")
     # The propagator is built once and reused by every step.
-    if _use_matrix(w0.shape, np.shape(coeffs.d)):
+    if use_matrix(w0.shape, np.shape(coeffs.d)):
         p = propagator_matrix(w0.shape[:2], coeffs, dt, w0.dtype)
         step = lambda w: apply_matrix(w, p)
     else:

@@ -1,11 +1,11 @@
-"""Weight trajectories of the coupled block: schedules, trajectory indices, block spec (Eq. 2.3c-d, 2.7; App. B).
+"""Weight trajectories of the coupled block: schedules, trajectory indices, block spec, time-kernel weights (Eq. 2.3c-d, 2.7; App. B).
 
 The weights ``w`` of every evolved leaf take ``steps_w`` evolution steps of ``dt = 1/steps_w``
-(Eq. 2.3c); activation step ``n`` of ``steps_z`` uses the trajectory entry
-``round(tau_n * steps_w)`` (K of Eq. 2.3d a Dirac delta: ``theta(t) = w(t)``). The
-``schedule`` places the ``tau_n`` (:func:`trajectory_indices`). This module holds the
-pieces the forward solve (:mod:`anodev2_jax.coupled`) and the hand-written adjoint
-(:mod:`anodev2_jax.adjoint`) share.
+(Eq. 2.3c: Eq. B.4 for ``RDACoeffs``, ``op.step`` for an evolution operator); activation
+step ``n`` of ``steps_z`` uses the trajectory entry ``idx_n = round(tau_n * steps_w)``
+(:func:`trajectory_indices`) or, with a time kernel, ``theta_n = sum_m kappa[n, m] w_m``
+(Eq. 2.3d on the grid of :func:`kernel_grid`). This module holds the pieces the forward
+solve (:mod:`anodev2_jax.coupled`) and the hand-written adjoint (:mod:`anodev2_jax.adjoint`) share.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anodev2_jax import ode
+from anodev2_jax.evolution import check_operator, evolve, is_operator
 from anodev2_jax.rda import RDACoeffs, check_coeffs, evolve_weights
+from anodev2_jax.time_kernels import check_time_kernel
 
 __all__ = [
     "SCHEDULES",
@@ -26,6 +29,9 @@ __all__ = [
     "is_evolution_leaf",
     "split_tree",
     "weight_trajectories",
+    "kernel_grid",
+    "time_weights",
+    "mix_trajectories",
     "weights_at_step",
 ]
 
@@ -93,46 +99,65 @@ def make_spec(steps_z, steps_w, schedule, nonlinearity, solver, has_aux) -> Bloc
 
 
 def is_evolution_leaf(x) -> bool:
-    """A leaf of the ``coeffs`` pytree: None (held static) or an ``RDACoeffs``."""
-    return x is None or isinstance(x, RDACoeffs)
+    """A leaf of the ``evolution`` pytree: None (held static), an ``RDACoeffs`` or an evolution operator.
 
-
-def split_tree(theta0: PyTree, coeffs: PyTree):
-    """Flatten ``theta0`` up to the structure of ``coeffs`` (``RDACoeffs``/None leaves).
-
-    Returns ``(flat_theta, flat_coeffs, treedef)``; ``coeffs=None`` means no evolution.
-    Raises ValueError / TypeError naming the leaf when the structures or shapes disagree.
+    Operators are recognized by duck typing (:func:`anodev2_jax.evolution.is_operator`: a
+    non-container with a callable ``step``), so flattening stops at them although they are
+    pytrees themselves.
     """
-    if coeffs is None:
+    return x is None or isinstance(x, RDACoeffs) or is_operator(x)
+
+
+def split_tree(theta0: PyTree, evolution: PyTree, *, dt: float = 1.0):
+    """Flatten ``theta0`` up to the structure of ``evolution`` (None / ``RDACoeffs`` / operator leaves).
+
+    Returns ``(flat_theta, flat_evolution, treedef)``; ``evolution=None`` means no evolution.
+    Validates every evolved leaf against its kernel from shapes only (operators:
+    :func:`anodev2_jax.evolution.check_operator` with step length ``dt``). Raises
+    ValueError / TypeError naming the leaf when the structures, shapes or types disagree.
+    """
+    if evolution is None:
         flat_theta, treedef = jax.tree_util.tree_flatten(theta0)
         return flat_theta, [None] * len(flat_theta), treedef
-    flat_coeffs, treedef = jax.tree_util.tree_flatten(coeffs, is_leaf=is_evolution_leaf)
+    flat_evo, treedef = jax.tree_util.tree_flatten(evolution, is_leaf=is_evolution_leaf)
     try:
         flat_theta = treedef.flatten_up_to(theta0)
     except (ValueError, TypeError) as e:
         raise ValueError(
-            "coeffs must have the structure of theta0, with an RDACoeffs for each evolved kernel "
-            f"and None for each static leaf; got coeffs structure {treedef} ({e})"
+            "evolution: the pytree of operators/coeffs must have the structure of theta0, with an RDACoeffs or "
+            f"an evolution operator for each evolved kernel and None for each static leaf; got structure {treedef} ({e})"
         ) from None
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(coeffs, is_leaf=is_evolution_leaf)[0]]
-    for path, w, c in zip(paths, flat_theta, flat_coeffs):
-        if c is not None:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(evolution, is_leaf=is_evolution_leaf)[0]]
+    for path, w, c in zip(paths, flat_theta, flat_evo):
+        if c is None:
+            continue
+        if isinstance(c, RDACoeffs):
             if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
                 raise ValueError(
                     f"theta0{path} has RDACoeffs but shape {jnp.shape(w)}: only kernels of rank 2-4 "
                     "(kh, kw[, cin, cout]) can evolve; give it None in coeffs to hold it static"
                 )
             check_coeffs(c, w.shape, name=f"coeffs{path}")
-    return flat_theta, flat_coeffs, treedef
+        elif is_operator(c):
+            check_operator(c, w, dt, name=f"evolution{path}")
+        else:
+            raise TypeError(
+                f"evolution{path} = {c!r} is not an evolution: use None (static), RDACoeffs(d, v, rho) (Eq. B.4) "
+                "or an operator with step(w, dt) (RDAEquation, LinearEvolution, ODEEvolution, mlp_evolution)"
+            )
+    return flat_theta, flat_evo, treedef
 
 
-def weight_trajectories(flat_theta, flat_coeffs, spec: BlockSpec):
-    """Per-leaf weight trajectories ``[W_0, ..., W_M]`` (lists) for evolved leaves, None for static."""
+def weight_trajectories(flat_theta, flat_evolution, spec: BlockSpec):
+    """Per-leaf weight trajectories ``[W_0, ..., W_M]`` (lists, ``M = spec.num_rda_steps``) for evolved leaves, None for static."""
     dt = 1.0 / spec.steps_w
     out = []
-    for w, c in zip(flat_theta, flat_coeffs):
+    for w, c in zip(flat_theta, flat_evolution):
         if c is None:
             out.append(None)
+        elif not isinstance(c, RDACoeffs):  # an evolution operator: Eq. 2.3c by its own step
+            traj = evolve(c, w, num_steps=spec.num_rda_steps, dt=dt, trajectory=True)
+            out.append([traj[m] for m in range(spec.num_rda_steps + 1)])
         else:
             traj = evolve_weights(
                 w, c, num_steps=spec.num_rda_steps, dt=dt, nonlinearity=spec.nonlinearity, trajectory=True
@@ -141,8 +166,56 @@ def weight_trajectories(flat_theta, flat_coeffs, spec: BlockSpec):
     return out
 
 
-def weights_at_step(flat_theta, trajs, treedef, spec: BlockSpec, n: int) -> PyTree:
-    """The weight pytree ``theta(tau_n)`` that activation step ``n`` uses."""
+def kernel_grid(spec: BlockSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The grids ``(t, tau)`` a time kernel's ``weights`` is evaluated on (concrete NumPy float64).
+
+    ``tau_m = m / steps_w`` for ``m = 0..M``, ``M = spec.num_rda_steps`` (the last weight
+    any step uses: a causal kernel needs no later one), and ``t_n = tau[idx_n]``.
+
+    Why ``t_n = idx_n * dt`` (DESIGN.md says "the schedule's tau_n"): it is the schedule's
+    time rounded onto the weight grid, the time of the weights step ``n`` uses today, so
+    the Dirac kernel is exactly ``kappa[n, idx_n] = 1`` (today's result) and causality,
+    ``tau_m <= t_n``, means exactly ``m <= idx_n`` (``t`` is taken from ``tau`` itself, no
+    round-off in the comparison). With ``"aligned"`` the two times coincide; with
+    ``"endpoints"`` and ``steps_w`` not a multiple of ``steps_z - 1`` they differ by the
+    rounding of :func:`trajectory_indices`. (The activation step itself sits at ``n / steps_z``
+    on the activation grid; configuration 2 applies ``w(1)`` at activation time 1/2, so the
+    kernel lives on weight time, as the trajectory index does.)
+    """
+    tau = np.arange(spec.num_rda_steps + 1, dtype=np.float64) / spec.steps_w
+    return tau[np.asarray(spec.indices)], tau
+
+
+def time_weights(kernel, spec: BlockSpec):
+    """The validated quadrature weights ``kappa``, shape ``(steps_z, M + 1)``, of a time kernel (Eq. 2.3d)."""
+    t, tau = kernel_grid(spec)
+    check_time_kernel(kernel, t, tau)
+    return kernel.weights(t, tau)
+
+
+def mix_trajectories(trajs, kappa):
+    """Per evolved leaf the list of ``theta_n = sum_m kappa[n, m] W_m`` (Eq. 2.3d), None for static leaves."""
+    out = []
+    for traj in trajs:
+        if traj is None:
+            out.append(None)
+        else:
+            stacked = jnp.stack(traj)
+            mixed = jnp.tensordot(kappa.astype(stacked.dtype), stacked, axes=1)
+            out.append([mixed[n] for n in range(kappa.shape[0])])
+    return out
+
+
+def weights_at_step(flat_theta, trajs, treedef, spec: BlockSpec, n: int, mixed=None) -> PyTree:
+    """The weight pytree ``theta(tau_n)`` that activation step ``n`` uses.
+
+    Without a time kernel (``mixed=None``) the trajectory entry ``idx_n`` itself (no
+    arithmetic: bit for bit the Dirac kernel); otherwise the entry ``n`` of
+    :func:`mix_trajectories`. Static leaves are ``w0`` either way.
+    """
+    if mixed is not None:
+        leaves = [w if t is None else t[n] for w, t in zip(flat_theta, mixed)]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
     m = spec.indices[n]
     leaves = [w if t is None else t[m] for w, t in zip(flat_theta, trajs)]
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -110,3 +110,82 @@ def restore_state(workdir, step):
 
 def without_timing(records):
     return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s")} for r in records]
+
+
+# ---- the operator x kernel grid (evolution operators and time kernels of Eq. 2.3c-d) ------
+
+OPERATORS = ("rda_coeffs", "rda_equation", "linear", "ode_user_q", "mlp")
+KERNELS = ("none", "dirac", "exponential", "discrete")
+
+
+def user_q(w, p):
+    """A user weight ODE: a nonlinear reaction plus a learnable shift along the first spatial axis."""
+    return p["a"] * jnp.tanh(w) + p["b"] * (jnp.roll(w, 1, axis=0) - w)
+
+
+def make_operator(name, key, kernel_shape, dtype=jnp.float64):
+    """An evolution of ``name`` for kernels of ``kernel_shape`` with generic (non-zero, non-special) parameters.
+
+    The solvers are spread over the operators (RDAEquation rk4, user q rk2, MLP euler), so
+    the adjoint grid checks each solver's formulas once without paying rk4 everywhere.
+    """
+    from anodev2_jax import LinearEvolution, ODEEvolution, RDACoeffs, RDAEquation, mlp_evolution
+
+    cout = kernel_shape[-1]
+    k = kernel_shape[0] * kernel_shape[1]
+    a = lambda x: jnp.asarray(x, dtype)
+    if name == "rda_coeffs":
+        return RDACoeffs(a(0.2), a([0.4, -0.3]), a(0.1))
+    if name == "rda_equation":  # per-filter coefficients
+        return RDAEquation(jnp.linspace(0.1, 0.3, cout, dtype=dtype), 0.5 * jnp.ones((cout, 2), dtype), a([0.2, -0.1][:cout]))
+    if name == "linear":
+        return LinearEvolution(0.3 * jax.random.normal(key, (cout, k, k), dtype))
+    if name == "ode_user_q":
+        return ODEEvolution(user_q, {"a": a(0.7), "b": a(0.4)}, solver="rk2")
+    if name == "mlp":  # the last layer moved off its zero init so every parameter matters
+        op = mlp_evolution(key, kernel_shape, 3, solver="euler", dtype=dtype)
+        k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+        params = dict(op.params, w2=0.3 * jax.random.normal(k1, op.params["w2"].shape, dtype),
+                      b2=0.1 * jax.random.normal(k2, op.params["b2"].shape, dtype))
+        return ODEEvolution(op.q, params, solver=op.solver, substeps=op.substeps)
+    raise ValueError(name)
+
+
+def make_kernel(name, dtype=jnp.float64):
+    """A time kernel of ``name`` with generic parameters (None for ``"none"``)."""
+    from anodev2_jax import DiracKernel, DiscreteKernel, ExponentialKernel
+
+    return {
+        "none": lambda: None,
+        "dirac": DiracKernel,
+        "exponential": lambda: ExponentialKernel(jnp.asarray(1.7, dtype)),
+        "discrete": lambda: DiscreteKernel(jnp.asarray([0.6, 0.3, -0.2], dtype)),
+    }[name]()
+
+
+def tiny_f(z, theta):
+    """The ODE function of :func:`tiny_problem`: one conv, bias, tanh (w2 adds a second conv when present)."""
+    y = conv(z, theta["w1"]) + theta["b"].reshape(1, 1, 1, -1)
+    if "w2" in theta:
+        y = y + conv(jnp.tanh(y), theta["w2"])
+    return jnp.tanh(y)
+
+
+def tiny_problem(key, operator, dtype=jnp.float64, batch=1, hw=4, c=2, mixed=False):
+    """A tiny coupled block for :func:`tiny_f`: ``w1`` evolved by ``operator``, bias ``b`` static.
+
+    ``mixed=True`` adds a second kernel ``w2`` evolved by per-filter ``RDACoeffs`` (a tree
+    mixing an operator with Eq. B.4, two evolved leaves under one time kernel).
+    """
+    from anodev2_jax import RDACoeffs
+
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    theta = {"w1": 0.5 * jax.random.normal(k1, (3, 3, c, c), dtype), "b": 0.1 * jax.random.normal(k3, (c,), dtype)}
+    evolution = {"w1": make_operator(operator, k5, (3, 3, c, c), dtype), "b": None}
+    if mixed:
+        theta["w2"] = 0.4 * jax.random.normal(k2, (3, 3, c, c), dtype)
+        evolution["w2"] = RDACoeffs(
+            jnp.linspace(0.05, 0.2, c, dtype=dtype), jnp.full((c, 2), 0.3, dtype), jnp.linspace(-0.1, 0.1, c, dtype=dtype)
+        )
+    z0 = jax.random.normal(k4, (batch, hw, hw, c), dtype)
+    return z0, theta, evolution

@@ -22,6 +22,7 @@ COMMANDS = {
     "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
     "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
     "host_overhead": [str(BENCH / "host_overhead.py"), "--quick"],
+    "rda_consistency": [str(BENCH / "rda_consistency.py"), "--quick"],
 }
 
 
@@ -92,3 +93,8 @@ def test_conv_kernels_quick(outputs):
 def test_host_overhead_quick(outputs):
     _check(outputs, "host_overhead", ["old loop (one call per step, host gather)", "engine, whole epoch (195 steps per call)",
                                       "train.py loop, engine, steps_per_call=1", "bare jitted step", "jax-ml/jax#12868"])
+
+
+@pytest.mark.slow
+def test_rda_consistency_quick(outputs):
+    _check(outputs, "rda_consistency", ["B.4 vs Eq. 2.6 (tanh)", "RK4 x1 vs x64", "ResNet-4 3x3x16x16"])

@@ -1,0 +1,200 @@
+"""Time kernels K of Eq. 2.3d, ``theta(t) = int_0^t K(t - tau) w(tau) dtau``, as quadrature weights on the weight grid.
+
+A time kernel is a JAX pytree (learnable array leaves) with ``weights(t, tau) -> kappa``,
+shape ``(len(t), len(tau))``: activation step ``n`` uses ``theta_n = sum_m kappa[n, m] w_m``
+(see :meth:`AbstractTimeKernel.weights` for the grids). Kernels act on evolved leaves
+only; leaves held static stay ``w0``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+__all__ = [
+    "AbstractTimeKernel",
+    "DiracKernel",
+    "ExponentialKernel",
+    "DiscreteKernel",
+    "is_time_kernel",
+    "check_time_kernel",
+]
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _real_dtype(x, name: str):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be real floating point, got dtype {dtype}")
+    return dtype
+
+
+def is_time_kernel(x) -> bool:
+    """Whether ``x`` is a time kernel (duck-typed: a callable ``weights``)."""
+    return x is not None and callable(getattr(x, "weights", None))
+
+
+class AbstractTimeKernel(eqx.Module):
+    """Base class of the provided kernels (optional for user kernels: see :func:`is_time_kernel`)."""
+
+    @abc.abstractmethod
+    def weights(self, t, tau) -> Float[Array, "n m"]:
+        """Quadrature weights ``kappa[n, m]`` of Eq. 2.3d, shape ``(len(t), len(tau))``.
+
+        Args:
+          t: concrete NumPy float64 array, ``t_n = idx_n * dt``: the time of activation
+            step ``n`` on the weight grid (``idx_n`` its trajectory index, see
+            :func:`anodev2_jax.trajectory.kernel_grid`).
+          tau: concrete NumPy float64 array, the weight grid ``tau_m = m * dt``,
+            ``m = 0..M``; ``t`` is a subset of it, so ``tau_m <= t_n`` compares exactly.
+
+        A kernel must be causal: ``kappa[n, m] = 0`` where ``tau_m > t_n`` (i.e. ``m > idx_n``).
+        The Dirac delta is ``kappa[n, idx_n] = 1``.
+        """
+
+
+class DiracKernel(AbstractTimeKernel):
+    """``K = delta``: ``theta(t_n) = w(t_n)`` (configurations 1 and 2 of the paper).
+
+    ``coupled_block(..., time_kernel=None)`` selects the trajectory entries directly (bit
+    for bit the behaviour without kernels); ``DiracKernel()`` goes through the weighted
+    sum with one-hot weights and equals it to round-off.
+    """
+
+    def weights(self, t, tau):
+        t, tau = np.asarray(t), np.asarray(tau)
+        return jnp.asarray(t[:, None] == tau[None, :], dtype=float)
+
+
+class ExponentialKernel(AbstractTimeKernel):
+    """Normalized exponentially weighted average of the weights so far: ``dtheta/dt = rate (w - theta)``, ``theta(0) = w0``.
+
+    Continuous form: ``K(s) = rate e^{-rate s}`` plus the mass ``e^{-rate t}`` on ``w0``
+    (so the weights sum to 1: ``theta`` is an average, not a decaying integral).
+
+    Discrete form (our choice, exact for that ODE when ``w`` is held piecewise constant at
+    the *right* end of each grid interval, i.e. ``w(tau) = w_m`` on ``(tau_{m-1}, tau_m]``):
+    the exponential moving average
+
+        theta_0 = w_0,   theta_m = e^{-rate (tau_m - tau_{m-1})} theta_{m-1} + (1 - e^{-rate (tau_m - tau_{m-1})}) w_m,
+
+    read at ``theta_n = theta_{idx_n}``, i.e.
+
+        kappa[n, 0] = e^{-rate t_n},
+        kappa[n, m] = (1 - e^{-rate (tau_m - tau_{m-1})}) e^{-rate (t_n - tau_m)},   1 <= m <= idx_n,
+
+    and 0 for ``m > idx_n`` (causal). Each row sums to 1 (the sum telescopes); ``rate ->
+    inf`` is the Dirac kernel and ``rate -> 0`` holds ``theta = w0``. Why right ends: then
+    the current weight ``w(t_n)`` always enters (with weight ``1 - e^{-rate dt}``), and the
+    kernel is causal on the grid; the left-end (or trapezoidal) rule would make
+    ``theta_n`` ignore ``w_{idx_n}``. ``1 - e^{-x}`` is computed as ``-expm1(-x)``
+    (accurate for small ``rate dt``).
+
+    Attributes:
+      rate: learnable scalar, must be > 0 (checked when concrete; parameterize a learned
+        rate with softplus).
+    """
+
+    rate: Array
+
+    def __init__(self, rate):
+        rate = jnp.asarray(rate)
+        if rate.ndim != 0:
+            raise ValueError(f"ExponentialKernel: rate has shape {rate.shape}; it must be a scalar, shape ()")
+        _real_dtype(rate, "ExponentialKernel: rate")
+        if _is_concrete(rate) and not float(rate) > 0.0:  # also catches NaN
+            raise ValueError(
+                f"ExponentialKernel: rate={float(rate)} must be > 0 (rate -> 0 holds theta = w0, "
+                "rate -> inf is DiracKernel()); parameterize a learned rate with softplus"
+            )
+        self.rate = rate
+
+    def weights(self, t, tau):
+        t, tau = np.asarray(t, np.float64), np.asarray(tau, np.float64)
+        dtype = jnp.result_type(self.rate)
+        r = self.rate
+        causal = tau[None, :] <= t[:, None]
+        lag = jnp.asarray(np.maximum(t[:, None] - tau[None, :], 0.0), dtype)  # clipped: no exp overflow off the support
+        width = jnp.asarray(np.diff(tau), dtype)
+        first = jnp.exp(-r * lag[:, :1])
+        rest = -jnp.expm1(-r * width)[None, :] * jnp.exp(-r * lag[:, 1:])
+        return jnp.where(causal, jnp.concatenate([first, rest], axis=1), 0)
+
+
+class DiscreteKernel(AbstractTimeKernel):
+    """One learnable weight per lag on the grid: ``kappa[n, m] = values[idx_n - m]`` for ``0 <= idx_n - m < len(values)``.
+
+    Entries with other lags are 0 (causal by construction). ``values = (1, 0, ...)`` is the
+    Dirac kernel; ``(1/L, ..., 1/L)`` a moving average of the last ``L`` weights. The
+    weights are not normalized (the values are free parameters).
+
+    Attributes:
+      values: learnable, shape ``(L,)``, ``L >= 1``; ``values[k]`` weights the weight ``k``
+        grid steps back.
+    """
+
+    values: Array
+
+    def __init__(self, values):
+        values = jnp.asarray(values)
+        if values.ndim != 1 or values.shape[0] < 1:
+            raise ValueError(
+                f"DiscreteKernel: values has shape {values.shape}; it must be rank 1, shape (L,) with L >= 1 "
+                "(values[k] weights the weight k grid steps back)"
+            )
+        _real_dtype(values, "DiscreteKernel: values")
+        self.values = values
+
+    def weights(self, t, tau):
+        t, tau = np.asarray(t, np.float64), np.asarray(tau, np.float64)
+        dt = tau[1] - tau[0] if len(tau) > 1 else 1.0
+        lag = np.rint((t[:, None] - tau[None, :]) / dt).astype(np.int64)
+        size = self.values.shape[0]
+        index = np.where((lag >= 0) & (lag < size), lag, size)  # index `size` is the padding zero
+        padded = jnp.concatenate([self.values, jnp.zeros((1,), self.values.dtype)])
+        return padded[index]
+
+
+def check_time_kernel(kernel, t, tau, *, name: str = "time_kernel") -> None:
+    """Validate a time kernel on the grid ``(t, tau)`` before any compute; raise naming the fix.
+
+    Checks that ``kernel.weights(t, tau)`` is one real array of shape ``(len(t), len(tau))``
+    (from shapes, ``jax.eval_shape``) and that it is causal. Causality is checked on values:
+    the kernel's own when its leaves are concrete, otherwise (leaves traced, e.g. under
+    ``jit``) on a probe with every traced leaf replaced by ones of its shape and dtype, which
+    checks the kernel's zero pattern (a kernel whose support depends on its parameter
+    values cannot be checked under ``jit``).
+    """
+    if not is_time_kernel(kernel):
+        raise TypeError(
+            f"{name}={kernel!r} is not a time kernel: use None, DiracKernel(), ExponentialKernel(rate), "
+            "DiscreteKernel(values) or a pytree with weights(t, tau) -> (len(t), len(tau))"
+        )
+    t, tau = np.asarray(t, np.float64), np.asarray(tau, np.float64)
+    want = (len(t), len(tau))
+    out = jax.eval_shape(lambda k: k.weights(t, tau), kernel)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != want:
+        got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+        raise ValueError(
+            f"{name}.weights(t, tau) has shape {got}; it must be (len(t), len(tau)) = {want} "
+            "(one row per activation step, one column per weight-grid point)"
+        )
+    _real_dtype(out, f"{name}.weights(t, tau)")
+    with jax.ensure_compile_time_eval():
+        probe = jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype) if not _is_concrete(x) else x, kernel)
+        kappa = np.asarray(probe.weights(t, tau))
+    bad = np.argwhere((tau[None, :] > t[:, None]) & (kappa != 0))
+    if len(bad):
+        n, m = bad[0]
+        raise ValueError(
+            f"{name}.weights is not causal: kappa[{n}, {m}] = {kappa[n, m]} but tau_{m} = {tau[m]:g} > "
+            f"t_{n} = {t[n]:g} (Eq. 2.3d integrates w over [0, t] only); make the weights 0 where tau > t"
+        )

@@ -5,7 +5,7 @@ import os
 
 from configs import default, smoke
 
-from anodev2_jax import run_config, training
+from anodev2_jax import methods, run_config, training
 
 
 def test_default_config_fields_are_the_validated_ones():
@@ -39,3 +39,21 @@ def test_run_config_needs_neither_optax_nor_orbax():
     code = "import sys, anodev2_jax.run_config; print(sorted(m for m in ('optax', 'orbax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_remat_budget_field():
+    config = default.get_config("anode")
+    assert config.remat_budget_mb == methods.DEFAULT_REMAT_BUDGET_MB == run_config.ADDED_FIELDS["remat_budget_mb"]
+    assert "remat_budget_mb" in run_config.RESUMABLE_FIELDS and "remat_budget_mb" not in run_config.KNOB_FIELDS
+    for bad in (0, -1.0, float("inf")):
+        config.remat_budget_mb = bad
+        try:
+            training.validate_config(config)
+        except training.ConfigError as e:
+            assert "config.remat_budget_mb" in str(e) and "--config.remat_budget_mb" in str(e)
+        else:
+            raise AssertionError(f"remat_budget_mb={bad} was accepted")
+    cfg = run_config.config_dict(default.get_config("anodev2_conf1"))
+    assert run_config.resolved_knobs(cfg)["remat"] == "auto"
+    assert run_config.resolved_knobs(cfg, {"remat": "block"})["remat"] == "block"
+    assert run_config.resolved_knobs({**cfg, "remat": "step"}, {"remat": "block"})["remat"] == "step"

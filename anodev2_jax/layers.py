@@ -30,6 +30,7 @@ __all__ = [
     "batch_norm",
     "layer_names",
     "ode_function",
+    "block_remat",
     "rda_coeffs",
     "Conv",
     "ConvParams",
@@ -128,6 +129,23 @@ def ode_function(
         h, aux[bn_name] = batch_norm(h, args[bn_name], train)
         h = jax.nn.relu(h)
     return (h, aux) if with_aux else h
+
+
+def block_remat(cfg: ODEConfig, shape: tuple[int, ...], dtype, num_convs: int) -> str:
+    """The remat schedule of an ODE block whose activation has ``shape`` and ``dtype`` (as the model sees it).
+
+    ``cfg.remat`` itself unless it is ``"auto"``; then :func:`anodev2_jax.ode.choose_remat`
+    with ``cfg.remat_budget_mb`` and ``2 * num_convs + 1`` activations per evaluation of
+    :func:`ode_function` (measured: its conv -> BN -> ReLU chain keeps its input and the
+    convolution outputs; see the comment above ``ode.remat_activations``).
+    """
+    if cfg.remat != "auto":
+        return cfg.remat
+    activation_bytes = math.prod(shape) * jnp.dtype(dtype).itemsize
+    return ode.choose_remat(
+        cfg.steps_z, activation_bytes, cfg.remat_budget_mb * 2**20,
+        solver=cfg.solver, f_activations=2 * num_convs + 1, adjoint=cfg.adjoint,
+    )
 
 
 def rda_coeffs(d_raw, v, rho) -> RDACoeffs:
@@ -314,7 +332,7 @@ class ODEBlock(nn.Module):
                 steps_w=cfg.steps_w if cfg.evolve else None,
                 schedule=cfg.schedule if cfg.evolve else "aligned",
                 nonlinearity=cfg.sigma,
-                remat=cfg.remat,
+                remat=block_remat(cfg, z.shape, z.dtype, self.num_convs),
                 adjoint=cfg.adjoint,
                 solver=cfg.solver,
                 step_args=args,

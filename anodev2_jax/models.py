@@ -53,6 +53,7 @@ __all__ = [
     "ResNet10",
     "AlexNet",
     "get_model",
+    "remat_plan",
     "count_params",
     "param_table",
     "format_table",
@@ -69,6 +70,7 @@ class _ODEModel(nn.Module):
     schedule: Optional[str] = None
     solver: Optional[str] = None
     remat: Optional[str] = None
+    remat_budget_mb: Optional[float] = None
     adjoint: Optional[str] = None
     coeff_granularity: Optional[str] = None
     nonlinearity: Optional[str] = None
@@ -164,6 +166,29 @@ def get_model(name: str, method: str, **overrides) -> nn.Module:
     cfg = resolve_config(method, **overrides)
     knobs = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "evolve"}
     return _MODEL_CLASSES[name](**knobs)
+
+
+def remat_plan(model: nn.Module, input_shape: tuple[int, ...] = (1, 32, 32, 3)) -> dict[str, str]:
+    """``{ODE block name: remat schedule}`` of ``model`` on inputs of ``input_shape``: what ``remat="auto"`` chose.
+
+    Traces ``model.init`` for shapes only (``jax.eval_shape``: nothing is computed) and asks
+    each :class:`~anodev2_jax.layers.ODEBlock` the question it asks itself at trace time
+    (:func:`anodev2_jax.layers.block_remat` of its input), so the answer is the schedule the
+    jitted step runs on that input shape. Blocks solved by diffrax (``adjoint="backsolve"``)
+    use no remat and are left out.
+    """
+    plan = {}
+
+    def ask(next_fun, args, kwargs, context):
+        block = context.module
+        if isinstance(block, layers.ODEBlock) and context.method_name == "__call__" and block.config.adjoint != "backsolve":
+            z = args[0]
+            plan["/".join(block.path)] = layers.block_remat(block.config, z.shape, z.dtype, block.num_convs)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(ask):
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    return plan
 
 
 def count_params(params) -> int:

@@ -29,7 +29,11 @@ import numpy as np
 
 __all__ = [
     "SOLVERS",
+    "SOLVER_STAGES",
     "REMAT_MODES",
+    "remat_cost",
+    "remat_activations",
+    "choose_remat",
     "check_num_steps",
     "check_choice",
     "check_leading_axis",
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 SOLVERS = ("euler", "rk2", "rk4")
+SOLVER_STAGES = {"euler": 1, "rk2": 2, "rk4": 4}  # evaluations of f per step
 
 # Remat modes. All give the same values and gradients; N = number of steps, |z| = one activation.
 #
@@ -72,7 +77,8 @@ SOLVERS = ("euler", "rk2", "rk4")
 # 188 / 470 / 1704, "step" 188 / 222 / 481, "binomial" 188 / 221 / 246 (1.31x its 1-step
 # memory at 20 steps; "step" 2.56x). At the paper's steps_z (2, 5) "binomial" holds what
 # "step" holds, and a ResNet-4 ANODE step at steps_z = 5 (batch 256, 2-core CPU) took about
-# 10-15% longer than with "block", so the models keep "block"; use "binomial" for long solves.
+# 10-15% longer than with "block"; use "binomial" for long solves. The models' default is
+# "auto" (the knob value of anodev2_jax.methods): per block, choose_remat below.
 #
 # Loops are unrolled rather than lax.scan-ned because the step counts are small and static
 # and, on XLA:CPU, convolutions inside scan train about 19x slower than unrolled
@@ -396,6 +402,88 @@ def odeint_fixed(
     if remat != "none":
         solve = checkpoint(solve)
     return solve(z0, theta, step_args)
+
+
+def remat_cost(mode: str, num_steps: int) -> int:
+    """Forward step evaluations of one training step's block under ``mode`` (the backward adds ``N`` more in every mode).
+
+    ``"none"`` ``N``; ``"block"`` ``2N``; ``"step"`` ``3N - 1`` (the block's recomputation
+    needs no output of its last step); ``"binomial"`` ``2N + T`` (:func:`binomial_schedule`).
+    """
+    check_choice("remat", mode, REMAT_MODES)
+    check_num_steps("num_steps", num_steps)
+    n = int(num_steps)
+    return {"none": n, "block": 2 * n, "step": 3 * n - 1, "binomial": 2 * n + binomial_schedule(n)[1]}[mode]
+
+
+# Activation memory of one block in its backward pass, in activations (multiples of the
+# block's input |z|): fitted to XLA's compiled temporary memory of whole training steps
+# (benchmarks/memory.py's measurement; XLA:CPU, jax 0.10.2, batch 256, |z| = 16 MiB), the
+# rest of the step subtracted. ResNet-4 ANODE (f = two conv -> BN -> ReLU, by
+# kernels.conv_bn_relu_chain, which keeps its input and its convolution outputs):
+#   "none" 5, 10, 25 at steps_z = 1, 2, 5 (5 per Euler step = f_activations; rk2 10, rk4 20);
+#   "block" exactly "none" (131.6 / 211.6 / 451.7 MiB against 131.6 / 211.6 / 451.6 for the
+#   whole step): for one block checkpointing saves nothing at the peak, which is the
+#   block's own backward pass re-running its full step graph;
+#   "step" 5, 6, 8, 13 at steps_z = 1, 2, 5, 10 (estimate N + I: 6, 7, 10, 15);
+#   "binomial" 5, 6, 8, 8 (estimate s + I: 6, 7, 8, 8); rk4 at steps_z = 5: "step" 23
+#   (estimate 25), "binomial" 26 (estimate s + I + 3 = 26: the stage slopes of the step
+#   being recomputed).
+# AlexNet's block (one conv -> BN -> ReLU): 3 per Euler step "none" (f_activations = 3).
+# Where the estimate errs it errs high, by up to 2 activations. XLA:GPU's buffer
+# assignment differs in detail; the budget is a guide, not a guarantee.
+def remat_activations(
+    mode: str, num_steps: int, *, solver: str = "euler", f_activations: float = 5.0, adjoint: str = "autodiff"
+) -> float:
+    """Estimated peak activation memory of one block's training step under ``mode``, in activations.
+
+    ``f_activations`` is what autodiff keeps per evaluation of the ODE function, in
+    activations (5 for ResNet's two conv -> BN -> ReLU, 3 for AlexNet's one); ``I =
+    stages * f_activations`` is one step's. ``"none"`` and ``"block"``: ``N * I``;
+    ``"step"``: ``N + I``; ``"binomial"``: ``s + I + stages - 1`` with ``s`` the
+    schedule's snapshots (neither more than ``N * I``). ``adjoint="discrete"``: ``N + I``
+    in every mode (the hand-written adjoint keeps one activation per step and
+    differentiates one step at a time). Measurements: the comment above.
+    """
+    check_choice("remat", mode, REMAT_MODES)
+    check_num_steps("num_steps", num_steps)
+    check_choice("solver", solver, SOLVERS)
+    n, stages = int(num_steps), SOLVER_STAGES[solver]
+    one_step = stages * float(f_activations)
+    if adjoint == "discrete":
+        return min(n * one_step, n + one_step)
+    if mode in ("none", "block"):
+        return n * one_step
+    if mode == "step":
+        return min(n * one_step, n + one_step)
+    return min(n * one_step, binomial_schedule(n)[0] + one_step + stages - 1)
+
+
+def choose_remat(
+    num_steps: int,
+    activation_bytes: float,
+    budget_bytes: float,
+    *,
+    solver: str = "euler",
+    f_activations: float = 5.0,
+    adjoint: str = "autodiff",
+) -> str:
+    """``remat="auto"``: the cheapest mode whose estimated activation memory fits ``budget_bytes``.
+
+    Cheapest by :func:`remat_cost` (ties: less memory); memory by
+    :func:`remat_activations` times ``activation_bytes`` (one activation of the block, as
+    a device holds it). So "none" while it fits, then "step" or "binomial" (whichever is
+    cheaper among those that fit; "step" for short solves). "block" is never chosen: for
+    one block it holds at its peak what "none" holds, at twice the forward cost; it pays
+    off only where the stored activations of several blocks would add up, which a
+    per-block budget does not see (ask for it with ``remat="block"``). If nothing fits,
+    the mode with the smallest estimate ("binomial" or "step").
+    """
+    kw = dict(solver=solver, f_activations=f_activations, adjoint=adjoint)
+    mem = {m: remat_activations(m, num_steps, **kw) * float(activation_bytes) for m in REMAT_MODES}
+    by_cost = sorted(REMAT_MODES, key=lambda m: (remat_cost(m, num_steps), mem[m]))
+    fits = [m for m in by_cost if mem[m] <= budget_bytes]
+    return fits[0] if fits else min(by_cost, key=lambda m: mem[m])
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import numpy as np
 
 from anodev2_jax.data import DATASETS
 from anodev2_jax.errors import ConfigError
-from anodev2_jax.methods import METHODS, MODELS, resolve_config
+from anodev2_jax.methods import DEFAULT_REMAT_BUDGET_MB, METHODS, MODELS, resolve_config
 
 __all__ = [
     "NONFINITE_MODES",
@@ -27,11 +27,13 @@ __all__ = [
     "KNOB_FIELDS",
     "RESUMABLE_FIELDS",
     "ADDED_FIELDS",
+    "CHANGED_DEFAULTS",
     "FIELD_CHECKS",
     "config_dict",
     "json_default",
     "validate_config",
     "knobs",
+    "legacy_defaults",
     "resolved_knobs",
     "default_workdir",
     "resolve_workdir",
@@ -70,11 +72,29 @@ RESUMABLE_FIELDS = (
     "distributed",
     "nonfinite",
     "steps_per_call",
+    # remat_budget_mb picks remat="auto"'s schedules: memory and time, not values (the
+    # schedules agree to round-off, not bitwise), so a run may move to a smaller device.
+    "remat_budget_mb",
 )
 
 # Fields added to the config after runs were written without them, with the value such runs
 # had implicitly: a config.json that lacks the field matches a config with that value.
-ADDED_FIELDS: dict[str, Any] = {"dtype": "float32", "steps_per_call": 1}
+ADDED_FIELDS: dict[str, Any] = {
+    "dtype": "float32",
+    "steps_per_call": 1,
+    # runs before remat="auto" had no budget (see CHANGED_DEFAULTS); resumable anyway
+    "remat_budget_mb": DEFAULT_REMAT_BUDGET_MB,
+}
+
+# Method defaults that changed after runs were written with the old ones, each keyed by the
+# field added with the change. A config.json without that field was written when a knob
+# left None meant the old default, so for that run directory None keeps meaning it: on both
+# sides of the resume check and in the model the resumed run builds (legacy_defaults), so
+# it resumes bitwise as the old code would have, and its config.json keeps lacking the field.
+CHANGED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    # before remat="auto" the ODE methods checkpointed every block
+    "remat_budget_mb": {m: {"remat": "block"} for m in ("anode", "anodev2_conf1", "anodev2_conf2")},
+}
 
 
 def _is_int(v) -> bool:
@@ -174,6 +194,8 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "distributed": _bool,
     "nonfinite": _choice(NONFINITE_MODES),
     "steps_per_call": _int_at_least(0),
+    # remat="auto" (the ODE methods' default): MiB per device and ODE block
+    "remat_budget_mb": _real_in(0, math.inf, lo_open=True, hi_open=True),
 }
 
 
@@ -236,9 +258,18 @@ def knobs(config) -> dict[str, Any]:
     return {**{k: config[k] for k in KNOB_FIELDS}, "compute_dtype": config.get("dtype", "float32")}
 
 
-def resolved_knobs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The ODE knobs of a config dict with None replaced by the method's default."""
-    knobs = {k: cfg.get(k) for k in KNOB_FIELDS}
+def legacy_defaults(stored: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The old knob defaults a stored run (its config.json dict) ran with; ``{}`` for a run of today's fields."""
+    old = {}
+    for field, by_method in CHANGED_DEFAULTS.items():
+        if stored is not None and field not in stored:
+            old.update(by_method.get(stored.get("method"), {}))
+    return old
+
+
+def resolved_knobs(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ODE knobs of a config dict with None replaced by ``defaults`` (:func:`legacy_defaults`), else the method's."""
+    knobs = {k: cfg.get(k) if cfg.get(k) is not None else (defaults or {}).get(k) for k in KNOB_FIELDS}
     try:
         resolved = resolve_config(cfg["method"], **knobs)
     except (ValueError, KeyError):

@@ -108,7 +108,8 @@ def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"{stored_path} is unreadable ({type(e).__name__}: {e}); use a new --workdir") from None
-    new_knobs, old_knobs = run_config.resolved_knobs(cfg), run_config.resolved_knobs(stored)
+    legacy = run_config.legacy_defaults(stored)  # a run written before a method default changed keeps the old one
+    new_knobs, old_knobs = run_config.resolved_knobs(cfg, legacy), run_config.resolved_knobs(stored, legacy)
     for name in cfg:
         if name in run_config.RESUMABLE_FIELDS:
             continue

@@ -24,7 +24,7 @@ give the same numbers (bitwise on XLA:CPU at its default optimization level; see
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -59,10 +59,24 @@ __all__ = [
 ]
 
 
-def create_model(config):
-    """``get_model(config.model, config.method, **ODE knobs)``; bad knobs raise :class:`ConfigError`."""
+def create_model(config, num_devices: Optional[int] = None, defaults: Optional[dict[str, Any]] = None):
+    """``get_model(config.model, config.method, **ODE knobs)``; bad knobs raise :class:`ConfigError`.
+
+    ``defaults``: values for knobs the config leaves None, before the method's defaults
+    (:func:`anodev2_jax.run_config.legacy_defaults` of a run directory written before a
+    default changed).
+
+    ``config.remat_budget_mb`` is per device; the model gets it for the arrays it sees:
+    inside the jitted step an ODE block sees the global batch of one replica, while a
+    device holds ``1 / num_devices`` of the batch (the mesh spans all devices,
+    ``jax.device_count()`` by default) of each of the ``num_seeds`` vmapped replicas, so
+    the model's budget is ``remat_budget_mb * num_devices / num_seeds``.
+    """
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    budget = config.remat_budget_mb * num_devices / config.num_seeds
     try:
-        return models.get_model(config.model, config.method, **run_config.knobs(config))
+        knobs = {k: (defaults or {}).get(k) if v is None else v for k, v in run_config.knobs(config).items()}
+        return models.get_model(config.model, config.method, **knobs, remat_budget_mb=budget)
     except ValueError as e:
         raise ConfigError(
             f"bad ODE settings for model={config.model!r}, method={config.method!r}: {e} "

@@ -197,7 +197,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pr
     snapshot = rundir.snapshot(workdir)
     data_on_device = sharding.fits_on_devices(engine.dataset_bytes(ds), mesh)
     steps_per_call = engine.resolve_steps_per_call(config.steps_per_call, steps_per_epoch, data_on_device, jax.default_backend())
-    rundir.check_workdir(workdir, cfg, steps_per_epoch)
+    stored = rundir.check_workdir(workdir, cfg, steps_per_epoch)
+    legacy = run_config.legacy_defaults(stored)
+    if legacy:  # written before a method default changed: resume with the old default, bitwise as before
+        model = steps.create_model(config, defaults=legacy)
+        cfg = {k: v for k, v in cfg.items() if k in stored or k not in run_config.CHANGED_DEFAULTS}
     rundir.check_writable(workdir)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     progs = steps.programs(model, optim.OptimizerSpec.from_config(config, steps_per_epoch), mesh, len(seeds))
@@ -525,9 +529,18 @@ def summarize(plan: Plan, trainer: Trainer, wall_time_s: float) -> dict[str, Any
         "nonfinite_skipped": np.asarray(trainer.tally["skipped"]).tolist(),
         "wall_time_s": wall_time_s,
         "images_per_s": (trainer.train_images / trainer.train_time) if trainer.train_time > 0 else trainer.logged_images_per_s,
-        "ode": {k: getattr(ode_config, k) for k in run_config.KNOB_FIELDS},
+        "ode": {
+            **{k: getattr(ode_config, k) for k in run_config.KNOB_FIELDS},
+            "remat_budget_mb": config.remat_budget_mb,
+            "remat_per_block": _remat_plan(plan),  # what remat="auto" chose, per ODE block
+        },
         "config": plan.cfg,
     }
+
+
+def _remat_plan(plan: Plan) -> dict[str, str]:
+    """The remat schedule of each ODE block in the train step (one replica's global batch, as the model sees it)."""
+    return models.remat_plan(plan.model, (plan.batch_size, *plan.ds.x_train.shape[1:]))
 
 
 def _print_header(plan: Plan, trainer: Trainer) -> None:
@@ -574,6 +587,9 @@ def _print_finished(plan: Plan) -> None:
         f"to do, every file left as it was (summary in {plan.workdir / rundir.SUMMARY_FILE}; a larger "
         "--config.num_epochs trains on)"
     )
+    if plan.model.config.remat == "auto":
+        blocks = ", ".join(f"{name} {mode}" for name, mode in _remat_plan(plan).items())
+        print(f"remat auto (budget {config.remat_budget_mb:g} MiB per device and block): {blocks}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:

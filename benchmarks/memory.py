@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet10", choices=list(common.MODEL_TITLES))
     p.add_argument("--method", default="anodev2_conf1", choices=["anodev2_conf1", "anode"])
     p.add_argument("--steps-z", nargs="+", type=int, default=[1, 2, 5, 10, 20])
-    p.add_argument("--remat", nargs="+", default=list(ode.REMAT_MODES), choices=list(ode.REMAT_MODES))
+    p.add_argument("--remat", nargs="+", default=list(ode.REMAT_MODES), choices=[*ode.REMAT_MODES, "auto"],
+                   help="schedules to compile; auto: what remat='auto' picks per block at the default budget")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--target", type=float, default=1.5, help="allowed ratio of the last steps_z to the first")
     p.add_argument("--quick", action="store_true", help="smoke test: ResNet-4, batch 8, steps_z 1 and 2")

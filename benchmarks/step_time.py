@@ -6,7 +6,10 @@ training system's own jitted step (:func:`anodev2_jax.steps.make_train_step`: on
 augmentation, forward, backward, SGD with momentum and weight decay, BatchNorm statistics;
 float32, one replica) and prints a markdown table: median and fastest step time over
 ``--steps`` timed steps after ``--warmup`` untimed ones, images/s, FLOPs per step, achieved
-FLOP/s and the compiled program's temporary memory. Then the two ratios the paper talks
+FLOP/s and the compiled program's temporary memory; the "remat" column is the schedule the
+ODE blocks run (the models' default ``remat="auto"`` picks one per block to fit
+``remat_budget_mb``; at batch 256 on one device that is "none" for every row of the paper;
+the optional ``*_none`` / ``*_block`` rows fix it). Then the two ratios the paper talks
 about, per model: configuration 1 / ANODE at the same ``steps_z = 5`` (the cost of evolving
 the weights, "negligible" in the paper) and configuration 2 / baseline (the paper: about
 2x the baseline FLOPs), in time and in FLOPs.
@@ -44,7 +47,7 @@ import jax  # noqa: E402
 
 import common  # noqa: E402
 from anodev2_jax import kernels  # noqa: E402
-from anodev2_jax import optim, sharding, steps  # noqa: E402
+from anodev2_jax import models, optim, sharding, steps  # noqa: E402
 
 METHOD_LABELS = {
     "baseline": "baseline",
@@ -56,6 +59,9 @@ METHOD_LABELS = {
     "conf1_none": "ANODEV2 conf. 1, remat=none",
     "conf2_none": "ANODEV2 conf. 2, remat=none",
     "anode_z5_none": "ANODE steps_z=5, remat=none",
+    "conf1_block": "ANODEV2 conf. 1, remat=block",
+    "conf2_block": "ANODEV2 conf. 2, remat=block",
+    "anode_z5_block": "ANODE steps_z=5, remat=block",
 }
 
 
@@ -87,6 +93,8 @@ def measure_model(model: str, rows: list[str], args) -> list[dict]:
         compile_s = time.perf_counter() - t0
         flops = lowered_flops(config, state, batch)
         temp = compiled.memory_analysis().temp_size_in_bytes
+        plan = models.remat_plan(steps.create_model(config), (args.batch, 32, 32, 3))
+        remat = ", ".join(sorted(set(plan.values()))) or "-"  # "-": no remat (diffrax's backsolve)
         common.log(
             f"{model} {row}: compiled in {compile_s:.1f} s, {flops / 1e9 if flops else float('nan'):.2f} GFLOP/step "
             f"(compiled cost analysis, loops counted once: {(common.cost_flops(compiled) or 0) / 1e9:.2f}), "
@@ -100,7 +108,7 @@ def measure_model(model: str, rows: list[str], args) -> list[dict]:
 
         for _ in range(args.warmup):
             run()
-        programs[row] = dict(run=run, flops=flops, temp=temp, compile_s=compile_s, config=config)
+        programs[row] = dict(run=run, flops=flops, temp=temp, compile_s=compile_s, config=config, remat=remat)
 
     times = common.interleaved_times({r: p["run"] for r, p in programs.items()}, args.steps, progress=model)
     results = []
@@ -108,25 +116,27 @@ def measure_model(model: str, rows: list[str], args) -> list[dict]:
         med = common.median(times[row])
         results.append(
             dict(model=model, row=row, median_s=med, min_s=min(times[row]), flops=p["flops"], temp=p["temp"],
-                 compile_s=p["compile_s"], images_per_s=args.batch / med)
+                 compile_s=p["compile_s"], images_per_s=args.batch / med, remat=p["remat"])
         )
     return results
 
 
 def format_results(results: list[dict], args) -> str:
-    header = ["model", "method", "median ms/step", "min ms", "images/s", "GFLOP/step", "GFLOP/s", "temp MiB", "compile s"]
+    header = ["model", "method", "remat", "median ms/step", "min ms", "images/s", "GFLOP/step", "GFLOP/s", "temp MiB",
+              "compile s"]
     rows = []
     for r in results:
         gflop = r["flops"] / 1e9 if r["flops"] else float("nan")
         rows.append([
-            common.MODEL_TITLES[r["model"]], METHOD_LABELS[r["row"]], f"{1e3 * r['median_s']:.1f}", f"{1e3 * r['min_s']:.1f}",
+            common.MODEL_TITLES[r["model"]], METHOD_LABELS[r["row"]], r["remat"], f"{1e3 * r['median_s']:.1f}",
+            f"{1e3 * r['min_s']:.1f}",
             f"{r['images_per_s']:.1f}", f"{gflop:.2f}", f"{gflop / r['median_s']:.1f}", f"{r['temp'] / 2**20:.0f}",
             f"{r['compile_s']:.1f}",
         ])
     text = [
         f"### Training-step time, batch {args.batch}, float32 (median of {args.steps} interleaved steps after {args.warmup} warm-up)\n",
         common.machine() + "\n",
-        common.markdown_table(header, rows, "ll" + "r" * 7),
+        common.markdown_table(header, rows, "lll" + "r" * 7),
     ]
     ratio_rows = []
     by = {(r["model"], r["row"]): r for r in results}
@@ -136,6 +146,8 @@ def format_results(results: list[dict], args) -> str:
             ("conf2", "baseline", "conf. 2 / baseline"),
             ("conf1_none", "anode_z5_none", "conf. 1 / ANODE steps_z=5, both remat=none"),
             ("conf2_none", "baseline", "conf. 2 remat=none / baseline"),
+            ("conf1_block", "anode_z5_block", "conf. 1 / ANODE steps_z=5, both remat=block"),
+            ("conf2_block", "baseline", "conf. 2 remat=block / baseline"),
         ):
             a, b = by.get((model, num)), by.get((model, den))
             if a and b:
@@ -151,8 +163,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(common.MODEL_TITLES), choices=list(common.MODEL_TITLES))
     p.add_argument("--methods", nargs="+", default=list(common.METHOD_ROWS), choices=list(common.ALL_ROWS),
-                   help="rows to time (default: the six of the paper's tables; also conf1_none, conf2_none, "
-                   "anode_z5_none: without checkpointing)")
+                   help="rows to time (default: the six of the paper's tables, remat='auto'; also conf1_none, "
+                   "conf2_none, anode_z5_none: without checkpointing; conf1_block, conf2_block, anode_z5_block: "
+                   "ANODE's block checkpointing, the default before remat='auto')")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")

@@ -36,7 +36,7 @@ def get_config(arg=None):
     config.steps_w = config_dict.placeholder(int)  # RDA weight steps (anodev2_* only)
     config.schedule = config_dict.placeholder(str)  # aligned | endpoints
     config.solver = config_dict.placeholder(str)  # euler | rk2 | rk4
-    config.remat = config_dict.placeholder(str)  # none | block | step | binomial (O(log steps_z) memory; see anodev2_jax/ode.py)
+    config.remat = config_dict.placeholder(str)  # auto | none | block | step | binomial (O(log steps_z) memory; see anodev2_jax/ode.py)
     config.adjoint = config_dict.placeholder(str)  # autodiff | discrete | backsolve
     config.coeff_granularity = config_dict.placeholder(str)  # kernel | filter
     config.nonlinearity = config_dict.placeholder(str)  # tanh | sigmoid | none (sigma of Eq. 2.6)
@@ -81,6 +81,10 @@ def get_config(arg=None):
 
     # --- multi-host: jax.distributed.initialize() before anything else
     config.distributed = False
+
+    # --- memory: remat="auto" (the ODE methods' default) picks, per ODE block, the cheapest
+    # schedule whose estimated activations fit this budget (anodev2_jax/ode.py choose_remat)
+    config.remat_budget_mb = 2048.0  # MiB per device and ODE block (2048: sized for a 16 GB device)
 
     if arg:
         config.method = arg

@@ -19,7 +19,7 @@ BENCH = REPO / "benchmarks"
 COMMANDS = {
     "step_time": [str(BENCH / "step_time.py"), "--quick", "--methods", "baseline", "conf2"],
     "memory": [str(BENCH / "memory.py"), "--quick", "--remat", "block"],
-    "torch_peer": [str(BENCH / "torch_peer.py"), "--quick"],
+    "torch_peer": [str(BENCH / "torch_peer.py"), "--quick", "--grid-peer"],
     "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
     "host_overhead": [str(BENCH / "host_overhead.py"), "--quick"],
     "rda_consistency": [str(BENCH / "rda_consistency.py"), "--quick"],
@@ -68,7 +68,7 @@ def _check(outputs, name, must_contain):
 
 @pytest.mark.slow
 def test_step_time_quick(outputs):
-    _check(outputs, "step_time", ["ResNet-4", "baseline", "conf. 2 / baseline", "GFLOP/step"])
+    _check(outputs, "step_time", ["ResNet-4", "baseline", "conf. 2 / baseline", "GFLOP/step", "| remat |", "| none |"])
 
 
 @pytest.mark.slow
@@ -78,7 +78,11 @@ def test_memory_quick(outputs):
 
 @pytest.mark.slow
 def test_torch_peer_quick(outputs):
-    _check(outputs, "torch_peer", ["PyTorch channels_last", "JAX remat=block", "Same computation checked first"])
+    _check(outputs, "torch_peer", [
+        "JAX (this project), per_step, remat=block", "JAX (this project), shared, remat=block",
+        "PyTorch channels_last, shared, checkpoint", "6-point grid (previous peer)", "by the fastest rounds; same computation checked first",
+        "Where the time goes", "convolution backward: input and kernel gradients", "kernel-gradient products",
+    ])
 
 
 @pytest.mark.slow
@@ -98,3 +102,44 @@ def test_host_overhead_quick(outputs):
 @pytest.mark.slow
 def test_rda_consistency_quick(outputs):
     _check(outputs, "rda_consistency", ["B.4 vs Eq. 2.6 (tanh)", "RK4 x1 vs x64", "ResNet-4 3x3x16x16"])
+
+
+def test_profile_split_shares_overlapping_time_and_classifies_hlo():
+    """torch_peer's time split: overlapping operations share time evenly; loop control only counts when alone."""
+    sys.path.insert(0, str(BENCH))
+    import torch_peer
+
+    totals, busy = torch_peer.split_by_kind([("convolution", 0, 10), ("fusion", 5, 15), ("control", 0, 20)])
+    assert totals == {"convolution": 7.5, "fusion": 7.5, "control": 5.0} and busy == 20
+    hlo = """HloModule jit_step, is_scheduled=true
+
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_move (p0.1: f32[4,4]) -> f32[4,4] {
+  %p0.1 = f32[4,4]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[4,4]{0,1} transpose(%p0.1), dimensions={1,0}
+}
+
+%fused_bn (p0.2: f32[4,4]) -> f32[4,4] {
+  %p0.2 = f32[4,4]{1,0} parameter(0)
+  ROOT %maximum.1 = f32[4,4]{1,0} maximum(%p0.2, %p0.2)
+}
+
+ENTRY %main.9 (x: f32[1,8,8,4], k: f32[3,3,4,4]) -> (f32[4,4], s32[]) {
+  %x = f32[1,8,8,4]{3,2,1,0} parameter(0)
+  %conv_general_dilated.3 = f32[1,8,8,4]{3,2,1,0} convolution(%x, %k), window={size=3x3}, metadata={op_name="a(b)"}
+  %ynn_fusion = f32[4,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  %copy_fusion.2 = f32[4,4]{0,1} fusion(%a), kind=kLoop, calls=%fused_move
+  %add_maximum_fusion = f32[4,4]{1,0} fusion(%a), kind=kLoop, calls=%fused_bn
+  %while.4 = (s32[], f32[4,4]) while(%t), condition=%cond, body=%body
+}
+"""
+    kinds = torch_peer.hlo_kinds(hlo)
+    assert {n: kinds[n] for n in ("conv_general_dilated.3", "ynn_fusion", "copy_fusion.2", "add_maximum_fusion", "while.4")} == {
+        "conv_general_dilated.3": "convolution", "ynn_fusion": "dot", "copy_fusion.2": "copy",
+        "add_maximum_fusion": "fusion", "while.4": "control",
+    }

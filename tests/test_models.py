@@ -365,12 +365,14 @@ def test_method_defaults():
     assert method_defaults("baseline")["steps_z"] == 1
     nd = method_defaults("neural_ode")
     assert (nd["steps_z"], nd["adjoint"]) == (2, "backsolve")
-    assert (method_defaults("anode")["steps_z"], method_defaults("anode")["remat"]) == (2, "block")
+    assert (method_defaults("anode")["steps_z"], method_defaults("anode")["remat"]) == (2, "auto")
+    assert [method_defaults(m)["remat"] for m in METHODS] == ["none", "none", "auto", "auto", "auto"]
     c1, c2 = method_defaults("anodev2_conf1"), method_defaults("anodev2_conf2")
     assert (c1["steps_z"], c1["steps_w"], c1["schedule"]) == (5, 5, "aligned")
     assert (c2["steps_z"], c2["steps_w"], c2["schedule"]) == (2, 10, "endpoints")
     model = get_model("resnet4", "anodev2_conf2", steps_z=3, solver="rk2")
-    assert (model.steps_z, model.steps_w, model.solver, model.remat) == (3, 10, "rk2", "block")
+    assert (model.steps_z, model.steps_w, model.solver, model.remat) == (3, 10, "rk2", "auto")
+    assert model.remat_budget_mb == method_defaults("anode")["remat_budget_mb"] == 2048.0
 
 
 @pytest.mark.parametrize(
@@ -383,6 +385,8 @@ def test_method_defaults():
         (lambda: get_model("resnet4", "anode", steps_z=0), "steps_z", "0"),
         (lambda: get_model("resnet4", "anodev2_conf1", steps_w=7), "steps_w", "7"),
         (lambda: get_model("resnet4", "anode", remat="all"), "remat", "all"),
+        (lambda: get_model("resnet4", "anode", remat_budget_mb=0), "remat_budget_mb", "0"),
+        (lambda: get_model("resnet4", "anode", remat_budget_mb="1G"), "remat_budget_mb", "1G"),
         (lambda: get_model("resnet4", "anode", norm="layer"), "norm", "layer"),
         (lambda: get_model("resnet4", "anode", adjoint="adjoint"), "adjoint", "adjoint"),
         (lambda: get_model("resnet4", "anode", adjoint="discrete", solver="rk4"), "adjoint", "discrete"),
@@ -401,3 +405,42 @@ def test_bad_config_raises_naming_field(call, field, bad):
         call()
     msg = str(info.value)
     assert field in msg and bad in msg, msg
+
+
+# ----------------------------------------------------------------------------- remat="auto"
+
+
+def test_auto_remat_is_the_explicit_schedule_it_picks():
+    """remat="auto" traces to exactly the program of the schedule it picks: the same values and gradients."""
+    x = _images(n=2, hw=8, dtype=jnp.float64)  # one activation of the block: 2 * 8 * 8 * 16 * 8 B = 16 KiB
+
+    def program(model):
+        v = random_variables(model, x)
+        return str(jax.make_jaxpr(jax.value_and_grad(lambda p: _loss(model, {**v, "params": p}, x)))(v["params"]))
+
+    # configuration 1 (5 steps): none 25 activations (400 KiB), step 10 (160 KiB), binomial 8 (128 KiB)
+    for budget_mb, mode in ((1.0, "none"), (0.2, "step"), (0.13, "binomial")):
+        auto = get_model("resnet4", "anodev2_conf1", dtype="float64", remat_budget_mb=budget_mb)
+        assert auto.config.remat == "auto" and models.remat_plan(auto, x.shape) == {"layer1_1": mode}
+        assert program(auto) == program(get_model("resnet4", "anodev2_conf1", dtype="float64", remat=mode)), mode
+    assert program(auto) != program(get_model("resnet4", "anodev2_conf1", dtype="float64", remat="step"))
+
+
+def test_remat_plan_decides_per_block_from_its_activation():
+    """At CIFAR-10 batch 256 every paper configuration runs without remat; a small budget splits ResNet-10's blocks."""
+    batch = (256, 32, 32, 3)
+    for name in MODELS:
+        for method in ("anode", "anodev2_conf1", "anodev2_conf2"):
+            assert set(models.remat_plan(get_model(name, method), batch).values()) == {"none"}, (name, method)
+    # 100 MiB at steps_z = 2: ResNet's 16 MiB blocks need 10 activations (step: 7), layer2_2's 8 MiB
+    # ones and AlexNet's block (one conv: 6 activations of 16 MiB) fit without remat
+    small = dict(remat_budget_mb=100)
+    assert models.remat_plan(get_model("resnet10", "anode", **small), batch) == {
+        "layer1_1": "step", "layer1_2": "step", "layer2_2": "none"}
+    assert models.remat_plan(get_model("alexnet", "anode", **small), batch) == {"conv2": "none"}
+    assert models.remat_plan(get_model("resnet4", "anode", remat="block", **small), batch) == {"layer1_1": "block"}
+    assert models.remat_plan(get_model("resnet4", "neural_ode"), batch) == {}  # diffrax's backsolve: no remat
+    cfg = get_model("resnet4", "anode", **small).config
+    assert layers.block_remat(cfg, (256, 32, 32, 16), jnp.float32, 2) == "step"
+    assert layers.block_remat(cfg, (256, 32, 32, 16), jnp.float32, 1) == "none"
+    assert layers.block_remat(cfg, (128, 32, 32, 16), jnp.float64, 2) == "step"  # the same bytes

@@ -243,3 +243,58 @@ def test_binomial_remat_memory_does_not_grow_with_steps():
     s, _, _ = binomial_schedule(20)
     assert binomial <= one + (s - 1 + 2) * unit
     assert binomial <= 0.5 * step
+
+
+# ----------------------------------------------------------------------------- remat="auto"'s chooser
+
+
+def test_remat_cost_and_activation_estimates():
+    from anodev2_jax import ode
+
+    assert [ode.remat_cost(m, 5) for m in ode.REMAT_MODES] == [5, 10, 14, 16]
+    assert [ode.remat_cost(m, 20) for m in ode.REMAT_MODES] == [20, 40, 59, 105]
+    # ResNet's block, 5 activations per Euler step (the measurements in ode.py's comment)
+    assert [ode.remat_activations(m, 5) for m in ode.REMAT_MODES] == [25, 25, 10, 8]
+    assert [ode.remat_activations(m, 1) for m in ode.REMAT_MODES] == [5, 5, 5, 5]  # one step: nothing to save
+    assert ode.remat_activations("none", 2, solver="rk4") == 40
+    assert ode.remat_activations("binomial", 5, solver="rk4") == 26
+    assert ode.remat_activations("none", 5, f_activations=3) == 15  # AlexNet's one conv
+    assert ode.remat_activations("none", 5, adjoint="discrete") == 10  # one activation per step + one step
+
+
+@pytest.mark.parametrize(
+    "num_steps, budget, kw, expected",
+    [
+        (5, 25, {}, "none"),  # fits exactly
+        (5, 24.9, {}, "step"),
+        (5, 10, {}, "step"),
+        (5, 9, {}, "binomial"),
+        (5, 1, {}, "binomial"),  # nothing fits: the smallest estimate
+        (1, 1, {}, "none"),  # one step: every mode holds the same, none is cheapest
+        (20, 100, {}, "none"),
+        (20, 99, {}, "step"),
+        (20, 24, {}, "binomial"),
+        (2, 39, dict(solver="rk4"), "step"),
+        (5, 25, dict(adjoint="discrete"), "none"),
+        (5, 10, dict(adjoint="discrete"), "none"),
+    ],
+)
+def test_choose_remat_takes_the_cheapest_schedule_that_fits(num_steps, budget, kw, expected):
+    from anodev2_jax import ode
+
+    mib = 2**20  # one activation of 1 MiB; budget in activations
+    assert ode.choose_remat(num_steps, mib, budget * mib, **kw) == expected
+
+
+def test_choose_remat_never_picks_block_and_respects_the_budget_when_it_can():
+    """"block" holds at its peak what "none" holds (one block), at twice the cost; every pick fits if any mode does."""
+    from anodev2_jax import ode
+
+    for n in range(1, 31):
+        for budget in np.linspace(0.5, 6 * n, 40):
+            mode = ode.choose_remat(n, 1.0, budget)
+            assert mode != "block"
+            fitting = [m for m in ode.REMAT_MODES if ode.remat_activations(m, n) <= budget]
+            if fitting:
+                assert ode.remat_activations(mode, n) <= budget
+                assert ode.remat_cost(mode, n) == min(ode.remat_cost(m, n) for m in fitting)

@@ -8,7 +8,7 @@ import pytest
 
 from configs import default, smoke
 
-from anodev2_jax import run_config, training
+from anodev2_jax import methods, run_config, training
 
 
 def test_default_config_fields_are_the_validated_ones():
@@ -63,3 +63,21 @@ def test_workdir_expands_the_home_directory_and_refuses_empty():
     for empty in ("", "  "):
         with pytest.raises(training.ConfigError, match="--workdir is empty"):
             run_config.resolve_workdir(empty)
+
+
+def test_remat_budget_field():
+    config = default.get_config("anode")
+    assert config.remat_budget_mb == methods.DEFAULT_REMAT_BUDGET_MB == run_config.ADDED_FIELDS["remat_budget_mb"]
+    assert "remat_budget_mb" in run_config.RESUMABLE_FIELDS and "remat_budget_mb" not in run_config.KNOB_FIELDS
+    for bad in (0, -1.0, float("inf")):
+        config.remat_budget_mb = bad
+        try:
+            training.validate_config(config)
+        except training.ConfigError as e:
+            assert "config.remat_budget_mb" in str(e) and "--config.remat_budget_mb" in str(e)
+        else:
+            raise AssertionError(f"remat_budget_mb={bad} was accepted")
+    cfg = run_config.config_dict(default.get_config("anodev2_conf1"))
+    assert run_config.resolved_knobs(cfg)["remat"] == "auto"
+    assert run_config.resolved_knobs(cfg, {"remat": "block"})["remat"] == "block"
+    assert run_config.resolved_knobs({**cfg, "remat": "step"}, {"remat": "block"})["remat"] == "step"

@@ -49,6 +49,8 @@ def test_two_steps_every_model_and_method(tmp_path, name, method):
     for key in ("test_accuracy", "test_loss", "num_params", "wall_time_s", "images_per_s", "model", "method", "config"):
         assert key in on_disk, key
     assert (on_disk["model"], on_disk["method"], on_disk["seeds"], on_disk["steps"]) == (name, method, [0], 2)
+    blocks = {"resnet4": ["layer1_1"], "resnet10": ["layer1_1", "layer1_2", "layer2_2"], "alexnet": ["conv2"]}[name]
+    assert on_disk["ode"]["remat_per_block"] == ({} if method == "neural_ode" else dict.fromkeys(blocks, "none"))
     assert len(on_disk["test_accuracy"]) == len(on_disk["test_loss"]) == 1
     assert 0.0 <= on_disk["test_accuracy_avg"] <= 1.0 and math.isfinite(on_disk["test_loss"][0])
     assert math.isfinite(on_disk["train_loss"][0])
@@ -194,6 +196,7 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
         (dict(dataset="npz", data_dir="/does/not/exist.npz"), "does not exist"),
         (dict(dtype="float16"), "config.dtype='float16' is invalid: it must be one of float32, bfloat16"),
         (dict(steps_per_call=-1), "config.steps_per_call=-1 is invalid: it must be an integer >= 0"),
+        (dict(remat_budget_mb=0.0), "config.remat_budget_mb=0.0"),
     ],
 )
 def test_bad_config_fails_before_writing(tmp_path, overrides, match):
@@ -222,6 +225,30 @@ def test_unknown_field_and_other_config_in_workdir(tmp_path):
     (workdir / "config.json").write_text(json.dumps(run_config.config_dict(tiny_config(method="anode", steps_z=2))))
     training.validate_config(tiny_config(method="anode"))
     assert rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anode"))) is not None
+
+
+def test_run_written_before_remat_auto_keeps_block_and_the_budget_is_per_device(tmp_path):
+    """A config.json without remat_budget_mb ran remat=None as "block": the resume check (and model) keep it."""
+    workdir = tmp_path / "old"
+    workdir.mkdir()
+    old = run_config.config_dict(tiny_config(method="anodev2_conf2"))
+    del old["remat_budget_mb"]
+    (workdir / "config.json").write_text(json.dumps(old))
+    assert rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anodev2_conf2"))) == old
+    assert rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anodev2_conf2", remat="block")))
+    with pytest.raises(training.ConfigError, match="holds a run with remat='block', but this config has remat='auto'"):
+        rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anodev2_conf2", remat="auto")))
+    assert run_config.legacy_defaults(old) == {"remat": "block"} and run_config.legacy_defaults({**old, "method": "baseline"}) == {}
+    # a budget change resumes (memory, not values)
+    new = run_config.config_dict(tiny_config(method="anodev2_conf2"))
+    (workdir / "config.json").write_text(json.dumps(new))
+    assert rundir.check_workdir(workdir, run_config.config_dict(tiny_config(method="anodev2_conf2", remat_budget_mb=64.0)))
+    assert steps.create_model(tiny_config(method="anodev2_conf2"), defaults={"remat": "block"}).remat == "block"
+
+    # the model sees one replica's global batch; a device holds 1/num_devices of each of num_seeds replicas
+    config = tiny_config(method="anodev2_conf1", num_seeds=2, remat_budget_mb=100.0)
+    assert steps.create_model(config, num_devices=4).remat_budget_mb == 200.0
+    assert steps.create_model(config).remat_budget_mb == 100.0 * jax.device_count() / 2
 
 
 # ----------------------------------------------------------------------------- devices

@@ -44,6 +44,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from anodev2_jax import ode
 from anodev2_jax.rda import RDACoeffs, align, apply_multiplier, rda_multiplier, wavenumbers

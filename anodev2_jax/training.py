@@ -573,6 +573,9 @@ def _print_header(plan: Plan, trainer: Trainer) -> None:
             f"note: steps_z={steps_z}, steps_w={steps_w}: every step is unrolled into the compiled program, so the "
             "first step compiles for minutes"
         )
+    if plan.model.config.remat == "auto" and trainer.start_step < plan.final_step:
+        blocks = ", ".join(f"{name} {mode}" for name, mode in _remat_plan(plan).items())
+        rundir.say(f"remat auto (budget {config.remat_budget_mb:g} MiB per device and block): {blocks}")
 
 
 # Beyond this many ODE steps the header warns that compiling takes minutes (run_config.MAX_ODE_STEPS).
@@ -587,9 +590,6 @@ def _print_finished(plan: Plan) -> None:
         f"to do, every file left as it was (summary in {plan.workdir / rundir.SUMMARY_FILE}; a larger "
         "--config.num_epochs trains on)"
     )
-    if plan.model.config.remat == "auto":
-        blocks = ", ".join(f"{name} {mode}" for name, mode in _remat_plan(plan).items())
-        print(f"remat auto (budget {config.remat_budget_mb:g} MiB per device and block): {blocks}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:

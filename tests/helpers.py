@@ -189,3 +189,18 @@ def tiny_problem(key, operator, dtype=jnp.float64, batch=1, hw=4, c=2, mixed=Fal
         )
     z0 = jax.random.normal(k4, (batch, hw, hw, c), dtype)
     return z0, theta, evolution
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def array_data_file(step_dir: Path) -> Path:
+    """The largest file of a checkpoint's OCDBT store: its compressed array chunks."""
+    return max((step_dir / "default" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def flip_bit(path: Path, fraction: float) -> None:
+    """Flips one bit of ``path`` at ``fraction`` of its length."""
+    data = bytearray(path.read_bytes())
+    data[int(fraction * len(data))] ^= 0x10
+    path.write_bytes(bytes(data))

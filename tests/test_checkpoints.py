@@ -33,6 +33,8 @@ from configs import default
 from anodev2_jax import checkpoints, training
 from anodev2_jax.errors import ConfigError
 
+from helpers import array_data_file, flip_bit
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RTOL = 1e-6
 
@@ -143,17 +145,6 @@ def _tree(seed: int) -> dict:
 
 def _target(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def array_data_file(step_dir: Path) -> Path:
-    """The largest file of a checkpoint's OCDBT store: its compressed array chunks."""
-    return max((step_dir / "default" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
-
-
-def flip_bit(path: Path, fraction: float) -> None:
-    data = bytearray(path.read_bytes())
-    data[int(fraction * len(data))] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 def _changed_on_disk(ckpt_dir: Path, step: int, saved) -> bool:

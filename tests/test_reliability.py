@@ -50,6 +50,8 @@ from configs import default  # noqa: E402
 
 from anodev2_jax import checkpoints, data, errors, training  # noqa: E402
 
+from helpers import array_data_file, flip_bit  # noqa: E402
+
 # ----------------------------------------------------------------------------- helpers
 
 # 64 images, batch 16: 4 steps per epoch, 3 epochs; a step record every 3 steps, so logging
@@ -407,17 +409,6 @@ def test_nonfinite_skip_leaves_the_step_out_and_counts_it(tmp_path, nan_image):
 
 
 # ----------------------------------------------------------------------------- corrupt checkpoints, device count
-
-
-def array_data_file(step_dir: Path) -> Path:
-    """The largest file of a checkpoint's OCDBT store: its compressed array chunks."""
-    return max((step_dir / "default" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
-
-
-def flip_bit(path: Path, fraction: float) -> None:
-    data = bytearray(path.read_bytes())
-    data[int(fraction * len(data))] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 def test_a_corrupt_checkpoint_is_named_and_the_run_resumes_from_the_last_good_one(tmp_path, capsys):

@@ -19,7 +19,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 
 
 def test_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} >= {"gradient_verification.ipynb", "rda_operator.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"custom_evolution.ipynb", "gradient_verification.ipynb", "rda_operator.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

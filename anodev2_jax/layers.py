@@ -20,8 +20,10 @@ from jaxtyping import Array, Float
 
 from anodev2_jax import kernels, ode
 from anodev2_jax.coupled import coupled_block
-from anodev2_jax.methods import ODEConfig
+from anodev2_jax.evolution import LinearEvolution, MLPField, ODEEvolution, RDAEquation
+from anodev2_jax.methods import EVOLUTION_PARAM_PREFIXES, ODEConfig
 from anodev2_jax.rda import RDACoeffs
+from anodev2_jax.time_kernels import DiscreteKernel, ExponentialKernel
 
 __all__ = [
     "D_INIT",
@@ -32,6 +34,12 @@ __all__ = [
     "ode_function",
     "block_remat",
     "rda_coeffs",
+    "rda_diffusion",
+    "EVOLUTION_PARAM_PREFIXES",
+    "MLP_HIDDEN",
+    "EXP_RATE_INIT",
+    "conv_evolution",
+    "block_time_kernel",
     "Conv",
     "ConvParams",
     "StepBatchNorm",
@@ -149,12 +157,114 @@ def block_remat(cfg: ODEConfig, shape: tuple[int, ...], dtype, num_convs: int) -
 
 
 def rda_coeffs(d_raw, v, rho) -> RDACoeffs:
-    """RDA coefficients from the learnable params: ``d = softplus(d_raw) >= 0`` (always, by construction).
+    """RDA coefficients from the ``softplus`` params: ``d = softplus(d_raw) >= 0`` (by construction).
 
-    The models learn ``rda_d_raw``, ``rda_v``, ``rda_rho`` next to each evolved kernel;
-    backward diffusion is ill-posed, so ``d`` is non-negative by construction.
+    The parameterization of runs written before ``rda_parameterization`` existed (see
+    :func:`rda_diffusion`).
     """
     return RDACoeffs(jax.nn.softplus(d_raw), v, rho)
+
+
+def rda_diffusion(params, parameterization: str):
+    """The diffusion ``d >= 0`` of a conv's RDA params (backward diffusion is ill-posed).
+
+    ``"abs"``: ``d = |rda_d|``, initialized at ``D_INIT``: d's gradient reaches ``rda_d``
+    unscaled (its sign flipped where ``rda_d < 0``). ``"softplus"``: ``d = softplus(rda_d_raw)``
+    (the earlier parameterization): at ``d = 1e-3`` softplus' slope is ``sigmoid(d_raw) ~ 1e-3``,
+    so d's gradient arrives a thousand times smaller; measured on a 15-epoch real-data run,
+    ``d_raw`` moved by 1e-4 and d stayed at 1e-3 (``benchmarks/evolution_updates.py`` compares
+    the relative update sizes of the two).
+    """
+    if parameterization == "abs":
+        return jnp.abs(params["rda_d"])
+    return jax.nn.softplus(params["rda_d_raw"])
+
+
+# evolution="mlp": hidden units of the MLP on each kernel slice's kh*kw values (16 for 3x3 and
+# 5x5 kernels: q has 2*16*K + 16 + K parameters per conv, 313 for K = 9).
+MLP_HIDDEN = 16
+
+# time_kernel="exponential": the rate at init (learned as softplus(time_rate_raw)); 5 per unit
+# time, so theta follows w with a time constant of 0.2 (one weight step of configuration 1:
+# the current weight enters with weight 1 - e^{-1} = 0.63).
+EXP_RATE_INIT = 5.0
+
+
+def declare_evolution(module: nn.Module, cfg: ODEConfig, kernel_shape: tuple[int, ...]) -> dict:
+    """Declare, on ``module``, the learnable params of the evolution of a kernel of ``kernel_shape``.
+
+    Names and initializations (every one starts at or near "no evolution"):
+
+    * ``rda`` / ``rda_equation``: ``rda_d`` = 1e-3 (``d = |rda_d|``; ``rda_d_raw`` =
+      softplus^-1(1e-3) with ``rda_parameterization="softplus"``), ``rda_v`` = 0 (shape
+      ``S + (2,)``), ``rda_rho`` = 0; ``S = ()`` per kernel or ``(cout,)`` per filter.
+    * ``linear``: ``evo_generator`` = 0, ``(K, K)`` or ``(cout, K, K)``, ``K = kh * kw``
+      (``G = 0`` is no evolution; its gradient at 0 is not 0: expm's derivative there is the identity).
+    * ``mlp``: ``evo_w1`` ``(K, MLP_HIDDEN)`` LeCun normal, ``evo_b1`` = 0, ``evo_w2``
+      ``(MLP_HIDDEN, K)`` = 0, ``evo_b2`` = 0 (the last layer is zero, so ``q = 0`` at init;
+      ``evo_w1`` gets its first gradient after ``evo_w2`` has moved).
+
+    Returns the declared params as a dict (what :func:`conv_evolution` reads).
+    """
+    dtype = cfg.jnp_dtype
+    per_filter = () if cfg.coeff_granularity == "kernel" else (kernel_shape[-1],)
+    k = kernel_shape[0] * kernel_shape[1]
+    p = {}
+    if cfg.evolution in ("rda", "rda_equation"):
+        if cfg.rda_parameterization == "abs":
+            p["rda_d"] = module.param("rda_d", nn.initializers.constant(D_INIT), per_filter, dtype)
+        else:
+            p["rda_d_raw"] = module.param("rda_d_raw", nn.initializers.constant(D_RAW_INIT), per_filter, dtype)
+        p["rda_v"] = module.param("rda_v", nn.initializers.zeros, per_filter + (2,), dtype)
+        p["rda_rho"] = module.param("rda_rho", nn.initializers.zeros, per_filter, dtype)
+    elif cfg.evolution == "linear":
+        p["evo_generator"] = module.param("evo_generator", nn.initializers.zeros, per_filter + (k, k), dtype)
+    else:  # mlp
+        lecun = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        p["evo_w1"] = module.param("evo_w1", lecun, (k, MLP_HIDDEN), dtype)
+        p["evo_b1"] = module.param("evo_b1", nn.initializers.zeros, (MLP_HIDDEN,), dtype)
+        p["evo_w2"] = module.param("evo_w2", nn.initializers.zeros, (MLP_HIDDEN, k), dtype)
+        p["evo_b2"] = module.param("evo_b2", nn.initializers.zeros, (k,), dtype)
+    return p
+
+
+def conv_evolution(params, cfg: ODEConfig):
+    """The evolution of one conv kernel from its params (:func:`declare_evolution`'s names).
+
+    ``rda``: an ``RDACoeffs`` (Eq. B.4 with ``cfg.nonlinearity``, the paper's); ``rda_equation``:
+    ``RDAEquation(d, v, rho, sigma)`` (Eq. 2.6 itself, one RK4 step per weight step);
+    ``linear``: ``LinearEvolution(G)``; ``mlp``: an ``ODEEvolution`` of :class:`MLPField`
+    (tanh hidden layer, one RK4 step per weight step). Also used by :mod:`anodev2_jax.viz`
+    to replay a trained kernel's evolution.
+    """
+    if cfg.evolution in ("rda", "rda_equation"):
+        d = rda_diffusion(params, cfg.rda_parameterization)
+        if cfg.evolution == "rda":
+            return RDACoeffs(d, params["rda_v"], params["rda_rho"])
+        return RDAEquation(d, params["rda_v"], params["rda_rho"], sigma=cfg.sigma, substeps=1)
+    if cfg.evolution == "linear":
+        return LinearEvolution(params["evo_generator"])
+    q = {name[len("evo_"):]: params[name] for name in ("evo_w1", "evo_b1", "evo_w2", "evo_b2")}
+    return ODEEvolution(MLPField(jnp.tanh), q, solver="rk4", substeps=1)
+
+
+def block_time_kernel(module: nn.Module, cfg: ODEConfig):
+    """Declare the ODE block's time-kernel params on ``module`` and return K (None: the Dirac delta).
+
+    One kernel per block, shared by its convs. ``exponential``: ``time_rate_raw`` (scalar),
+    ``rate = softplus(time_rate_raw)`` initialized at :data:`EXP_RATE_INIT` (softplus'
+    slope there is 0.993: the rate's gradient arrives at full size). ``discrete``:
+    ``time_values`` ``(steps_w + 1,)``, one weight per lag, initialized ``(1, 0, ..., 0)``
+    (the Dirac delta, so the model starts as configuration 1 / 2 and learns how far back to look).
+    """
+    dtype = cfg.jnp_dtype
+    if cfg.time_kernel == "exponential":
+        raw = module.param("time_rate_raw", nn.initializers.constant(math.log(math.expm1(EXP_RATE_INIT))), (), dtype)
+        return ExponentialKernel(jax.nn.softplus(raw))
+    if cfg.time_kernel == "discrete":
+        init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1)
+        return DiscreteKernel(module.param("time_values", init, (cfg.steps_w + 1,), dtype))
+    return None
 
 
 # Convolutions: He/Kaiming normal, fan_out mode, untruncated (PyTorch ResNets'
@@ -189,7 +299,7 @@ class Conv(nn.Module):
 
 
 class ConvParams(nn.Module):
-    """Declares one ODE-block conv kernel (HWIO), its optional bias and its RDA coefficients."""
+    """Declares one ODE-block conv kernel (HWIO), its optional bias and its evolution's params (:func:`declare_evolution`)."""
 
     features: int
     kernel_size: int
@@ -205,11 +315,8 @@ class ConvParams(nn.Module):
             params["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), dtype)
         coeffs = None
         if cfg.evolve:
-            shape = () if cfg.coeff_granularity == "kernel" else (self.features,)
-            d_raw = self.param("rda_d_raw", nn.initializers.constant(D_RAW_INIT), shape, dtype)
-            v = self.param("rda_v", nn.initializers.zeros, shape + (2,), dtype)
-            rho = self.param("rda_rho", nn.initializers.zeros, shape, dtype)
-            coeffs = {"kernel": rda_coeffs(d_raw, v, rho), **({"bias": None} if self.use_bias else {})}
+            evo = declare_evolution(self, cfg, params["kernel"].shape)
+            coeffs = {"kernel": conv_evolution(evo, cfg), **({"bias": None} if self.use_bias else {})}
         return params, coeffs
 
 
@@ -310,6 +417,7 @@ class ODEBlock(nn.Module):
             )
             args[bn_name] = bns[bn_name](train)
         coeffs = coeffs if cfg.evolve else None
+        time_kernel = block_time_kernel(self, cfg) if cfg.evolve else None
         update_stats = train and self.is_mutable_collection("batch_stats") and not self.is_initializing()
         f = functools.partial(ode_function, num_convs=self.num_convs, train=train)
 
@@ -337,6 +445,7 @@ class ODEBlock(nn.Module):
                 solver=cfg.solver,
                 step_args=args,
                 has_aux=train,
+                time_kernel=time_kernel,
             )
             z1, aux = out if train else (out, None)
         if update_stats:

@@ -37,6 +37,10 @@ __all__ = [
     "NONLINEARITIES",
     "NORMS",
     "DTYPES",
+    "EVOLUTIONS",
+    "TIME_KERNELS",
+    "RDA_PARAMETERIZATIONS",
+    "EVOLUTION_PARAM_PREFIXES",
     "COMPUTE_DTYPES",
     "REMAT_KNOBS",
     "DEFAULT_REMAT_BUDGET_MB",
@@ -52,6 +56,22 @@ COEFF_GRANULARITIES = ("kernel", "filter")
 NONLINEARITIES: dict[str, Optional[Callable]] = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "none": None}
 NORMS = ("per_step", "shared")
 DTYPES = ("float32", "float64")
+# The evolution operator q of Eq. 2.3c in the models (layers.conv_evolution builds it):
+# "rda" is Eq. B.4 (the paper's), "rda_equation" Eq. 2.6 itself (evolution.RDAEquation),
+# "linear" a learnable dw/dt = G w (evolution.LinearEvolution), "mlp" a small MLP on every
+# kernel slice (evolution.mlp_evolution).
+EVOLUTIONS = ("rda", "rda_equation", "linear", "mlp")
+# The time kernel K of Eq. 2.3d (layers.block_time_kernel): "dirac" is theta = w (the paper's).
+TIME_KERNELS = ("dirac", "exponential", "discrete")
+# How the models' learnable RDA diffusion maps to d >= 0 (layers.rda_diffusion): "abs"
+# (d = |rda_d|, the default: the gradient of d reaches rda_d at full size) or "softplus"
+# (d = softplus(rda_d_raw), the parameterization before; at d = 1e-3 it scales d's
+# gradient by 1e-3, so d never moved in training: kept for runs written with it).
+RDA_PARAMETERIZATIONS = ("abs", "softplus")
+# Prefixes of the evolution parameters p (Eq. 2.3c) and time-kernel parameters (Eq. 2.3d) in
+# the models' params (layers.declare_evolution, layers.block_time_kernel): masked off weight
+# decay and scaled by evolution_lr_scale (optim.py).
+EVOLUTION_PARAM_PREFIXES = ("rda_", "evo_", "time_")
 COMPUTE_DTYPES = DTYPES + ("bfloat16",)
 
 # remat: an explicit schedule (ode.REMAT_MODES) or "auto": per ODE block, at trace time, the
@@ -76,7 +96,10 @@ DEFAULT_REMAT_BUDGET_MB = 2048.0
 # ``"bfloat16"``: activations and convolutions in bfloat16, params, BatchNorm statistics
 # and arithmetic, and the RDA evolution in ``dtype``. Without evolution (``baseline``,
 # ``neural_ode``, ``anode``) ``steps_w``, ``schedule``, ``nonlinearity`` and
-# ``coeff_granularity`` are validated but unused; ``remat`` is unused by
+# ``coeff_granularity``, ``evolution``, ``time_kernel`` and ``rda_parameterization`` are
+# validated but unused; ``evolution`` (``EVOLUTIONS``), ``time_kernel`` (``TIME_KERNELS``) and
+# ``rda_parameterization`` (``RDA_PARAMETERIZATIONS``) pick q and K of Eq. 2.3 (see the
+# comments there and layers.conv_evolution); ``remat`` is unused by
 # ``adjoint="backsolve"`` (diffrax's backsolve keeps O(1) activations by construction).
 _COMMON_DEFAULTS: dict[str, Any] = dict(
     steps_z=1,
@@ -92,6 +115,9 @@ _COMMON_DEFAULTS: dict[str, Any] = dict(
     bn_momentum=0.9,
     dtype="float32",
     compute_dtype=None,
+    evolution="rda",
+    time_kernel="dirac",
+    rda_parameterization="abs",
 )
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -128,6 +154,9 @@ class ODEConfig:
     bn_momentum: float
     dtype: str
     compute_dtype: str = "float32"
+    evolution: str = "rda"
+    time_kernel: str = "dirac"
+    rda_parameterization: str = "abs"
 
     @property
     def jnp_dtype(self):
@@ -183,6 +212,14 @@ def resolve_config(method: str, **overrides) -> ODEConfig:
     ode.check_choice("coeff_granularity", k["coeff_granularity"], COEFF_GRANULARITIES)
     ode.check_choice("nonlinearity", k["nonlinearity"], tuple(NONLINEARITIES))
     ode.check_choice("norm", k["norm"], NORMS)
+    ode.check_choice("evolution", k["evolution"], EVOLUTIONS)
+    ode.check_choice("time_kernel", k["time_kernel"], TIME_KERNELS)
+    ode.check_choice("rda_parameterization", k["rda_parameterization"], RDA_PARAMETERIZATIONS)
+    if evolve and k["evolution"] == "mlp" and k["coeff_granularity"] != "kernel":
+        raise ValueError(
+            f"coeff_granularity={k['coeff_granularity']!r} with evolution='mlp': the MLP is shared by every kernel "
+            "slice (it has no per-filter form); use coeff_granularity='kernel' or another evolution"
+        )
     m = k["bn_momentum"]
     if isinstance(m, bool) or not isinstance(m, (int, float, np.floating)) or not 0.0 <= m <= 1.0:
         raise ValueError(f"bn_momentum={m!r} must be a float in [0, 1] (Flax convention: 0.9 keeps 90% of the old value)")

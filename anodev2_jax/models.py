@@ -45,7 +45,17 @@ import jax
 import jax.numpy as jnp
 
 from anodev2_jax import kernels, layers, ode
-from anodev2_jax.methods import COEFF_GRANULARITIES, KNOBS, METHODS, MODELS, NORMS, ODEConfig, resolve_config
+from anodev2_jax.methods import (
+    COEFF_GRANULARITIES,
+    EVOLUTIONS,
+    KNOBS,
+    METHODS,
+    MODELS,
+    NORMS,
+    TIME_KERNELS,
+    ODEConfig,
+    resolve_config,
+)
 from anodev2_jax.paper import MODEL_TITLES, PAPER_PARAMS
 
 __all__ = [
@@ -57,6 +67,8 @@ __all__ = [
     "count_params",
     "param_table",
     "format_table",
+    "evolution_param_table",
+    "format_evolution_table",
     "main",
 ]
 
@@ -78,6 +90,9 @@ class _ODEModel(nn.Module):
     bn_momentum: Optional[float] = None
     dtype: Any = None
     compute_dtype: Any = None
+    evolution: Optional[str] = None
+    time_kernel: Optional[str] = None
+    rda_parameterization: Optional[str] = None
 
     @property
     def config(self) -> ODEConfig:
@@ -216,6 +231,33 @@ def param_table(**overrides) -> dict[str, dict[str, int]]:
     return table
 
 
+def evolution_param_table(method: str = "anodev2_conf1", **overrides) -> dict[tuple[str, str], dict[str, int]]:
+    """Parameter counts ``{(evolution, time_kernel): {model: count}}`` of an evolving ``method`` (shapes only)."""
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    key = jax.random.key(0)
+    table = {}
+    for evolution in EVOLUTIONS:
+        for time_kernel in TIME_KERNELS:
+            if evolution == "mlp" and overrides.get("coeff_granularity", "kernel") != "kernel":
+                continue  # the MLP has no per-filter form (resolve_config says so)
+            row = table[evolution, time_kernel] = {}
+            for name in MODELS:
+                model = get_model(name, method, evolution=evolution, time_kernel=time_kernel, **overrides)
+                row[name] = count_params(jax.eval_shape(model.init, key, x)["params"])
+    return table
+
+
+def format_evolution_table(table: dict[tuple[str, str], dict[str, int]], method: str = "anodev2_conf1") -> str:
+    """Markdown: rows = (evolution, time kernel), columns = models; the first row is the paper's ANODEV2."""
+    lines = [
+        "| evolution q | time kernel K | " + " | ".join(MODEL_TITLES[m] for m in MODELS) + " |",
+        "|---|---|" + "---:|" * len(MODELS),
+    ]
+    for (evolution, time_kernel), row in table.items():
+        lines.append(f"| {evolution} | {time_kernel} | " + " | ".join(f"{row[m]:,}" for m in MODELS) + " |")
+    return "\n".join(lines)
+
+
 def format_table(table: dict[str, dict[str, int]]) -> str:
     """Markdown: rows = methods, columns = models, ``ours (paper)``; ours exact, paper's Table 3 rounded."""
     lines = ["| method | " + " | ".join(MODEL_TITLES[m] for m in MODELS) + " |", "|---|" + "---:|" * len(MODELS)]
@@ -226,7 +268,7 @@ def format_table(table: dict[str, dict[str, int]]) -> str:
 
 
 def main(argv=None) -> None:
-    """Print the Table 3 analogue: our parameter counts with the paper's in parentheses."""
+    """Print the Table 3 analogue (our parameter counts, the paper's in parentheses), then every q x K combination's."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--coeff-granularity", default="kernel", choices=COEFF_GRANULARITIES)
     parser.add_argument("--norm", default="per_step", choices=NORMS)
@@ -235,6 +277,10 @@ def main(argv=None) -> None:
     print(f"Parameters (BN scale+shift counted, running stats not; norm={args.norm!r}, "
           f"coeff_granularity={args.coeff_granularity!r}); paper's Table 3 in parentheses\n")
     print(format_table(table))
+    for method in ("anodev2_conf1", "anodev2_conf2"):
+        print(f"\n{method}: every evolution operator q (Eq. 2.3c) and time kernel K (Eq. 2.3d), same settings\n")
+        table = evolution_param_table(method, coeff_granularity=args.coeff_granularity, norm=args.norm)
+        print(format_evolution_table(table, method))
 
 
 if __name__ == "__main__":

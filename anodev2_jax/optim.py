@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from anodev2_jax.methods import EVOLUTION_PARAM_PREFIXES
+
 __all__ = [
     "OptimizerSpec",
     "learning_rate_schedule",
     "learning_rate_at",
     "weight_decay_mask",
+    "evolution_mask",
     "create_optimizer",
     "make_optimizer",
 ]
@@ -34,6 +37,7 @@ class OptimizerSpec(NamedTuple):
     weight_decay: float
     decay_rda_coeffs: bool
     steps_per_epoch: int
+    evolution_lr_scale: float = 1.0
 
     @classmethod
     def from_config(cls, config, steps_per_epoch: int) -> "OptimizerSpec":
@@ -45,6 +49,7 @@ class OptimizerSpec(NamedTuple):
             float(config.weight_decay),
             bool(config.decay_rda_coeffs),
             int(steps_per_epoch),
+            float(config.get("evolution_lr_scale", 1.0)),
         )
 
 
@@ -81,24 +86,35 @@ def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
     return float(lr)
 
 
-def weight_decay_mask(params, decay_rda_coeffs: bool = False):
-    """True for every leaf weight decay applies to: all but the RDA coefficients (``rda_*``).
+def _is_evolution_param(path) -> bool:
+    name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
+    return str(name).startswith(EVOLUTION_PARAM_PREFIXES)
 
-    Decaying ``rda_d_raw`` towards 0 would push ``d = softplus(d_raw)`` towards ``log 2``, a
-    bias towards strong diffusion, not towards "no evolution"; ``decay_rda_coeffs=True``
+
+def evolution_mask(params):
+    """True for every evolution and time-kernel parameter (names ``rda_*``, ``evo_*``, ``time_*``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _is_evolution_param(path), params)
+
+
+def weight_decay_mask(params, decay_rda_coeffs: bool = False):
+    """True for every leaf weight decay applies to: all but the evolution and time-kernel params.
+
+    Those are the RDA coefficients (``rda_*``), the other operators' params (``evo_*``) and
+    the time kernels' (``time_*``). Decay pulls towards 0, which for them is no neutral
+    value: ``rda_d_raw -> 0`` means ``d = softplus(0) = log 2`` (strong diffusion), a
+    discrete time kernel's values -> 0 means ``theta -> 0``. ``decay_rda_coeffs=True``
     (``config.decay_rda_coeffs``) decays them too. BatchNorm scale and shift are decayed,
     as PyTorch's ``SGD(weight_decay=...)`` does.
     """
-
-    def keep(path, _):
-        name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
-        return decay_rda_coeffs or not str(name).startswith("rda_")
-
-    return jax.tree_util.tree_map_with_path(keep, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: decay_rda_coeffs or not _is_evolution_param(path), params)
 
 
 def create_optimizer(config, steps_per_epoch: int):
-    """SGD + momentum + coupled (PyTorch-style) weight decay, masked off the RDA coefficients.
+    """SGD + momentum + coupled (PyTorch-style) weight decay, masked off the evolution params.
+
+    ``config.evolution_lr_scale`` multiplies the learning rate of the evolution and
+    time-kernel params (:func:`evolution_mask`); at 1 (the default) the optimizer is the
+    plain chain, the same program as before the knob existed.
 
     Coupled L2: ``optax.add_decayed_weights`` before the momentum trace, exactly
     ``torch.optim.SGD(weight_decay=5e-4)``.
@@ -116,8 +132,12 @@ def create_optimizer(config, steps_per_epoch: int):
 def make_optimizer(spec: OptimizerSpec):
     schedule = learning_rate_schedule(spec, spec.steps_per_epoch)
     decay_rda = spec.decay_rda_coeffs
-    tx = optax.chain(
+    parts = [
         optax.add_decayed_weights(spec.weight_decay, mask=lambda p: weight_decay_mask(p, decay_rda)),
         optax.sgd(schedule, momentum=spec.momentum or None),
-    )
-    return tx, schedule
+    ]
+    if spec.evolution_lr_scale != 1.0:
+        # the evolution params' updates times the scale: their learning rate (and, SGD being
+        # linear in it, their momentum-averaged step) is evolution_lr_scale times the schedule's
+        parts.append(optax.masked(optax.scale(spec.evolution_lr_scale), evolution_mask))
+    return optax.chain(*parts), schedule

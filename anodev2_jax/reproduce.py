@@ -71,6 +71,10 @@ __all__ = [
     "load_results",
     "accuracy_stats",
     "format_accuracy_table",
+    "format_evolution_table",
+    "EVOLUTION_ROWS",
+    "rows_for",
+    "evolution_record",
     "format_param_table",
     "param_counts",
     "base_config",
@@ -105,6 +109,33 @@ TABLES: dict[int, dict[str, Any]] = {
 }
 
 SUMMARY_FILE = "summary.json"
+EVOLUTION_FILE = "evolution.json"
+
+# ``--table evolution``: the study of issue 12 (every evolution operator q and time kernel K
+# in configuration 1, next to the paper's methods): ``{row: (method, config overrides)}``.
+# A row named after a method is that method's run directory, shared with Tables 1, 2, 4.
+EVOLUTION_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("baseline", {}),
+    "neural_ode": ("neural_ode", {}),
+    "anode": ("anode", {}),
+    "anodev2_conf1": ("anodev2_conf1", {}),
+    "anodev2_conf2": ("anodev2_conf2", {}),
+    "conf1_rda_equation": ("anodev2_conf1", {"evolution": "rda_equation"}),
+    "conf1_linear": ("anodev2_conf1", {"evolution": "linear"}),
+    "conf1_mlp": ("anodev2_conf1", {"evolution": "mlp"}),
+    "conf1_exponential": ("anodev2_conf1", {"time_kernel": "exponential"}),
+}
+EVOLUTION_TITLES = {
+    "baseline": "Baseline (ResNet)",
+    "neural_ode": "Neural ODE",
+    "anode": "ANODE",
+    "anodev2_conf1": "Conf. 1, q = RDA (B.4), K = Dirac",
+    "anodev2_conf2": "Conf. 2, q = RDA (B.4), K = Dirac",
+    "conf1_rda_equation": "Conf. 1, q = RDA Eq. 2.6 (RK4)",
+    "conf1_linear": "Conf. 1, q = linear (dw/dt = G w)",
+    "conf1_mlp": "Conf. 1, q = MLP",
+    "conf1_exponential": "Conf. 1, q = RDA (B.4), K = exponential",
+}
 
 
 def _ignored_fields() -> set[str]:
@@ -125,14 +156,31 @@ Stats = tuple[float, float, float]
 # ----------------------------------------------------------------------------- aggregation
 
 
-def methods_for(tables: Iterable[int]) -> tuple[str, ...]:
+def methods_for(tables: Iterable[int | str]) -> tuple[str, ...]:
     """The methods the given tables need, in the paper's order (Table 4's rows order)."""
     needed = set()
     for t in tables:
+        if t == "evolution":
+            needed.update(method for method, _ in EVOLUTION_ROWS.values())
+            continue
         if t not in TABLES:
-            raise ValueError(f"table {t!r} is not reproducible here; choose from {', '.join(map(str, TABLES))}")
+            raise ValueError(f"table {t!r} is not reproducible here; choose from {', '.join(map(str, TABLES))} or evolution")
         needed.update(TABLES[t]["methods"])
     return tuple(m for m in METHODS if m in needed)
+
+
+def rows_for(tables: Iterable[int | str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``[(row, method, config overrides), ...]``: the run directories the tables need, each once.
+
+    Tables 1, 2, 4 need their methods (row = method, no override); ``evolution`` the
+    :data:`EVOLUTION_ROWS`.
+    """
+    tables = list(tables)
+    rows = {m: (m, {}) for m in methods_for([t for t in tables if t != "evolution"])}
+    if "evolution" in tables:
+        rows.update(EVOLUTION_ROWS)
+    order = [m for m in METHODS if m in rows] + [r for r in EVOLUTION_ROWS if r in rows and r not in METHODS]
+    return [(r, *rows[r]) for r in order]
 
 
 def run_dir(root: str | Path, model: str, method: str) -> Path:
@@ -153,8 +201,21 @@ def _read_summary(path: Path) -> Optional[dict[str, Any]]:
 
 
 def load_results(root: str | Path, models: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Optional[dict]]]:
-    """``{model: {method: summary dict or None}}`` from ``<root>/<model>/<method>/summary.json``."""
-    return {m: {x: _read_summary(run_dir(root, m, x) / SUMMARY_FILE) for x in methods} for m in models}
+    """``{model: {row: summary dict or None}}`` from ``<root>/<model>/<row>/summary.json``.
+
+    ``methods`` are the rows (a method's row is named after it). A row's ``evolution.json``
+    (:func:`evolution_record`), where there is one, comes as the summary's ``"evolution"``.
+    """
+    out: dict[str, dict[str, Optional[dict]]] = {}
+    for m in models:
+        out[m] = {}
+        for x in methods:
+            summary = _read_summary(run_dir(root, m, x) / SUMMARY_FILE)
+            evo = _read_summary(run_dir(root, m, x) / EVOLUTION_FILE) if summary is not None else None
+            if evo is not None:
+                summary = {**summary, "evolution": evo}
+            out[m][x] = summary
+    return out
 
 
 def accuracy_stats(summary: Mapping[str, Any], where: str = "summary") -> Stats:
@@ -263,6 +324,58 @@ def format_accuracy_table(
     return "\n".join(lines)
 
 
+def format_evolution_table(results: Mapping[str, Mapping[str, Optional[dict]]], models: Sequence[str]) -> str:
+    """The evolution study: test accuracy per :data:`EVOLUTION_ROWS` row, and what the evolution learned.
+
+    Args:
+      results: ``{model: {row: summary or None}}`` (:func:`load_results` with the rows);
+        a summary may carry ``"evolution"`` (the row's ``evolution.json``, see
+        :func:`evolution_record`).
+      models: the model columns, in order.
+
+    Returns:
+      Markdown: the accuracy table (Min / Max / Avg and Avg minus the baseline's), then per
+      evolving row and model the learned evolution of the first evolved kernel (seed 0) and
+      ``max |w(1) - w(0)| / max |w(0)|`` over every evolved kernel (min / max over seeds).
+    """
+    header = "| |" + "".join(f" {MODEL_TITLES[m]} Min / Max | {MODEL_TITLES[m]} Avg | vs baseline |" for m in models)
+    lines = ["**Evolution study**: test accuracy (q: evolution operator, Eq. 2.3c; K: time kernel, Eq. 2.3d)", "", header,
+             "|---|" + "---|---|---|" * len(models)]  # fmt: skip
+    learned = []
+    for row in EVOLUTION_ROWS:
+        cells = []
+        for model in models:
+            s = results.get(model, {}).get(row)
+            base = results.get(model, {}).get("baseline")
+            stats = None if s is None else accuracy_stats(s, f"{model}/{row}/{SUMMARY_FILE}")
+            base_stats = None if base is None else accuracy_stats(base, f"{model}/baseline/{SUMMARY_FILE}")
+            diff = _diff(stats, base_stats)
+            o = stats or (None, None, None)
+            cells += [f"{_pct(o[0])} / {_pct(o[1])}", _pct(o[2]), "" if row == "baseline" else _pct(diff and diff[2], signed=True)]
+            evo = (s or {}).get("evolution")
+            if evo:
+                kernels = evo.get("kernels", [])
+                if kernels:
+                    change = [c for k in kernels for c in k["relative_change"]]
+                    learned.append(
+                        f"| {EVOLUTION_TITLES[row]} | {MODEL_TITLES[model]} | {kernels[0]['evolution']} | "
+                        f"{min(change):.3f} / {max(change):.3f} | {evo.get('time_kernel') or '—'} |"
+                    )
+        lines.append(f"| {EVOLUTION_TITLES[row]} | " + " | ".join(cells) + " |")
+    lines += ["", _setting(results, models, list(EVOLUTION_ROWS))]
+    if learned:
+        lines += [
+            "",
+            "**What the evolution learned** (final checkpoint; first evolved kernel, seed 0; change: "
+            "max|w(1) - w(0)| / max|w(0)| over every evolved kernel and seed, min / max)",
+            "",
+            "| row | model | learned q (first kernel, seed 0) | change min / max | learned K (seed 0) |",
+            "|---|---|---|---|---|",
+            *learned,
+        ]
+    return "\n".join(lines)
+
+
 def format_param_table(counts: Mapping[str, Mapping[str, Optional[int]]], models: Sequence[str]) -> str:
     """Table 3: parameter counts per method (rows) and model (columns), ``ours (paper)``.
 
@@ -326,13 +439,15 @@ def _count_model_params(model: str, method: str, knobs: Mapping[str, Any]) -> in
 def report(
     root: str | Path,
     models: Sequence[str],
-    tables: Sequence[int],
+    tables: Sequence[int | str],
     compute_missing_params: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """The whole markdown report for ``tables`` from the runs under ``root``."""
     methods_for(tables)  # validates the table numbers
-    results = load_results(root, models, METHODS)
-    parts = [format_accuracy_table(t, results, models) for t in sorted(set(tables))]
+    results = load_results(root, models, [r for r, _, _ in rows_for([*TABLES, "evolution"])])
+    parts = [format_accuracy_table(t, results, models) for t in sorted({t for t in tables if t != "evolution"})]
+    if "evolution" in tables:
+        parts.append(format_evolution_table(results, models))
     parts.append(format_param_table(param_counts(results, models, compute_missing_params), models))
     return "\n\n".join(parts) + "\n"
 
@@ -403,9 +518,11 @@ def is_done(workdir: str | Path, config) -> bool:
     stored = summary.get("config")
     if not isinstance(stored, dict):
         return True
+    from anodev2_jax.run_config import ADDED_FIELDS  # a field added since: the value such runs had
+
     wanted = _plain(config)
     keys = (set(stored) | set(wanted)) - _ignored_fields()
-    return all(stored.get(k) == wanted.get(k) for k in keys)
+    return all(stored.get(k, ADDED_FIELDS.get(k)) == wanted.get(k) for k in keys)
 
 
 # The flag of this command that sets each config field (train.py's --config.FIELD is none of them).
@@ -438,23 +555,68 @@ def _knob_overrides(config) -> dict[str, Any]:
     return {k: config.get(k) for k in models_lib.KNOBS if k in config}
 
 
+def evolution_record(workdir: str | Path, config) -> Optional[dict[str, Any]]:
+    """What the evolution of a finished evolving run learned, from its latest checkpoint (None without evolution).
+
+    ``{"step", "evolution", "time_kernel", "kernels": [{"path", "evolution", "relative_change"}]}``:
+    per evolved kernel the learned evolution of seed 0 (:func:`anodev2_jax.viz.evolution_text`)
+    and ``max |w(1) - w(0)| / max |w(0)|`` per seed (:func:`anodev2_jax.viz.relative_change`);
+    the time kernel's learned parameter of seed 0 (``rate = softplus(time_rate_raw)`` or the
+    per-lag ``values``) where the run has one.
+    """
+    import numpy as np
+
+    from anodev2_jax import run_config, viz
+    from anodev2_jax.methods import resolve_config
+
+    knobs = run_config.resolved_knobs(run_config.config_dict(config))
+    cfg = resolve_config(config.method, **knobs)
+    if not cfg.evolve:
+        return None
+    params, step = viz.load_checkpoint_params(workdir)
+    kernels = []
+    for path, module in viz.find_evolved_kernels(params):
+        seeds = np.asarray(module["kernel"]).shape[0] if np.ndim(module["kernel"]) == 5 else 1
+        changes, text = [], ""
+        for i in range(seeds):
+            traj, op = viz.kernel_trajectory(module, cfg, i)
+            changes.append(round(viz.relative_change(traj), 6))
+            text = text or viz.evolution_text(op)
+        kernels.append({"path": "/".join(path), "evolution": text, "relative_change": changes})
+    time_kernel = None
+    for name, node in sorted(params.items()):
+        if isinstance(node, dict) and "time_rate_raw" in node:
+            raw = float(np.ravel(np.asarray(node["time_rate_raw"]))[0])
+            time_kernel = f"{name}: exponential, rate={float(np.logaddexp(0.0, raw)):.3g}"
+        elif isinstance(node, dict) and "time_values" in node:
+            values = np.asarray(node["time_values"])
+            values = values[0] if values.ndim == 2 else values
+            time_kernel = f"{name}: discrete, values=({', '.join(f'{v:.3g}' for v in values)})"
+        if time_kernel:
+            break
+    return {"step": step, "evolution": cfg.evolution, "time_kernel": time_kernel, "kernels": kernels}
+
+
 # ----------------------------------------------------------------------------- command line
 
 
-def _parse_tables(values: Sequence[str]) -> list[int]:
-    out = []
+def _parse_tables(values: Sequence[str]) -> list[int | str]:
+    out: list[int | str] = []
     for v in values:
         if v == "all":
             out += list(TABLES)
+            continue
+        if v == "evolution":
+            out.append(v)
             continue
         try:
             t = int(v)
         except ValueError:
             t = -1
         if t not in TABLES:
-            raise argparse.ArgumentTypeError(f"--table {v!r}: choose from {', '.join(map(str, TABLES))} or all")
+            raise argparse.ArgumentTypeError(f"--table {v!r}: choose from {', '.join(map(str, TABLES))}, evolution or all")
         out.append(t)
-    return sorted(set(out))
+    return sorted({t for t in out if t != "evolution"}) + (["evolution"] if "evolution" in out else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the methods of the paper's Tables 1, 2, 4 and write them beside the paper's numbers.",
     )
     p.add_argument("--model", default="resnet4", help="alexnet, resnet4, resnet10 or all (default resnet4)")
-    p.add_argument("--table", nargs="+", default=["1"], help="1, 2, 4 (several allowed) or all (default 1)")
+    p.add_argument(
+        "--table", nargs="+", default=["1"],
+        help="1, 2, 4, evolution (every q and K in configuration 1, beside the paper's methods; several allowed) "
+        "or all (= 1 2 4; default 1)",
+    )
     p.add_argument("--workdir", default="runs/reproduce", help="root of the run directories <workdir>/<model>/<method>")
     p.add_argument("--out", default=None, help="markdown output (default <workdir>/results.md)")
     p.add_argument("--epochs", type=int, default=None, help="num_epochs (default: the config's Appendix C schedule)")
@@ -475,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, default=None, help="keep only the first N test images")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the config's 256)")
     p.add_argument("--learning-rate", type=float, default=None, help="initial learning rate (default: the config's 0.1)")
+    p.add_argument(
+        "--only", nargs="+", default=None, metavar="ROW",
+        help="train only these rows of the tables, in this order (methods, or the evolution table's rows: "
+        + ", ".join(EVOLUTION_ROWS) + "); the report still shows every row",
+    )
     p.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs that exist")
     return p
 
@@ -507,7 +678,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
     )
-    methods = methods_for(tables)
+    rows = rows_for(tables)
+    if args.only:
+        known = {r: (r, m, extra) for r, m, extra in rows}
+        unknown = [r for r in args.only if r not in known]
+        if unknown:
+            print(f"error: --only {' '.join(unknown)}: not a row of --table {' '.join(map(str, tables))}; "
+                  f"choose from {', '.join(known)}", file=sys.stderr)  # fmt: skip
+            return 2
+        rows = [known[r] for r in dict.fromkeys(args.only)]
 
     from anodev2_jax import data as data_lib
     from anodev2_jax import rundir, run_config, steps, training
@@ -516,23 +695,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Every config is built and validated, and checked against its run directory, before anything trains.
         runs = []
         for model in models:
-            for method in methods:
-                config = make_config(model, method, overrides)
+            for row, method, extra in rows:
+                config = make_config(model, method, {**overrides, **extra})
                 training.validate_config(config)
                 steps.create_model(config)
-                workdir = run_dir(root, model, method)
+                workdir = run_dir(root, model, row)
                 if not args.report_only and workdir.is_dir() and not is_done(workdir, config):
                     rundir.check_workdir(workdir, run_config.config_dict(config))
-                runs.append((model, method, config, workdir))
-        knobs = _knob_overrides(runs[0][2])
+                runs.append((model, row, config, workdir))
+        knobs = _knob_overrides(make_config(models[0], "baseline", overrides))
         if not args.report_only:
-            for i, (model, method, config, workdir) in enumerate(runs, start=1):
-                tag = f"[{i}/{len(runs)}] {model} {method}"
+            for i, (model, row, config, workdir) in enumerate(runs, start=1):
+                tag = f"[{i}/{len(runs)}] {model} {row}"
                 if is_done(workdir, config):
                     print(f"{tag}: done already ({workdir / SUMMARY_FILE}), skipped", flush=True)
-                    continue
-                print(f"{tag}: training {config.num_seeds} seed(s) for {config.num_epochs} epoch(s) in {workdir}", flush=True)
-                training.train_and_evaluate(config, workdir)
+                else:
+                    print(f"{tag}: training {config.num_seeds} seed(s) for {config.num_epochs} epoch(s) in {workdir}", flush=True)
+                    training.train_and_evaluate(config, workdir)
+                if "evolution" in tables and not (workdir / EVOLUTION_FILE).exists():
+                    record = evolution_record(workdir, config)
+                    if record is not None:
+                        (workdir / EVOLUTION_FILE).write_text(json.dumps(record, indent=1) + "\n")
         text = report(root, models, tables, compute_missing_params=knobs)
     except training.WorkdirMismatch as e:
         print(f"error: {_mismatch_text(e)}", file=sys.stderr)

@@ -53,7 +53,10 @@ MAX_ODE_STEPS = 1000
 MAX_SEED = 2**31 - 1
 
 # The config fields that are ODE knobs of the model (anodev2_jax.methods.KNOBS but bn_momentum, dtype).
-KNOB_FIELDS = ("steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm")
+KNOB_FIELDS = (
+    "steps_z", "steps_w", "schedule", "solver", "remat", "adjoint", "coeff_granularity", "nonlinearity", "norm",
+    "evolution", "time_kernel", "rda_parameterization",
+)  # fmt: skip
 
 # Fields a restart may change: num_epochs, to extend a run (the learning-rate boundaries are
 # absolute epochs, so extending does not move them); where the data is (data_dir); how often
@@ -84,6 +87,12 @@ ADDED_FIELDS: dict[str, Any] = {
     "steps_per_call": 1,
     # runs before remat="auto" had no budget (see CHANGED_DEFAULTS); resumable anyway
     "remat_budget_mb": DEFAULT_REMAT_BUDGET_MB,
+    # runs before q and K were knobs: RDA (B.4) with the Dirac kernel, every parameter at
+    # the schedule's learning rate; the RDA parameterization is in CHANGED_DEFAULTS
+    "evolution": None,
+    "time_kernel": None,
+    "rda_parameterization": None,
+    "evolution_lr_scale": 1.0,
 }
 
 # Method defaults that changed after runs were written with the old ones, each keyed by the
@@ -94,6 +103,8 @@ ADDED_FIELDS: dict[str, Any] = {
 CHANGED_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     # before remat="auto" the ODE methods checkpointed every block
     "remat_budget_mb": {m: {"remat": "block"} for m in ("anode", "anodev2_conf1", "anodev2_conf2")},
+    # before the knob the RDA diffusion was d = softplus(rda_d_raw) (methods.RDA_PARAMETERIZATIONS)
+    "rda_parameterization": {m: {"rda_parameterization": "softplus"} for m in ("anodev2_conf1", "anodev2_conf2")},
 }
 
 
@@ -170,6 +181,9 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "coeff_granularity": _optional(str, "a string"),
     "nonlinearity": _optional(str, "a string"),
     "norm": _optional(str, "a string"),
+    "evolution": _optional(str, "a string"),
+    "time_kernel": _optional(str, "a string"),
+    "rda_parameterization": _optional(str, "a string"),
     "dtype": _choice(COMPUTE_DTYPES),
     "dataset": _choice(DATASETS),
     "data_dir": _optional(str, "a path"),
@@ -185,6 +199,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "momentum": _real_in(0, 1, hi_open=True),
     "weight_decay": _real_in(0, math.inf, hi_open=True),
     "decay_rda_coeffs": _bool,
+    "evolution_lr_scale": _real_in(0, math.inf, lo_open=True, hi_open=True),
     "seed": _int_in(0, MAX_SEED, why=" (seeds are int32 on the device)"),
     "num_seeds": _int_at_least(1),
     "eval_every_epochs": _int_at_least(1),

@@ -21,9 +21,10 @@ Figures (matplotlib, Agg backend; every size is a whole number of pixels at ``DP
 * **Figures 1, 4, 5** (:func:`kernels_figure`): input channel 0 of the first evolved
   convolution kernel of a model (``layer1_1/conv1`` for the ResNets, ``conv2/conv`` for
   AlexNet, the paper's "first channel of the first convolution kernel") at every entry
-  of its RDA trajectory ``w(m / steps_w)``, ``m = 0..steps_w``, one row per output filter
+  of its weight trajectory ``w(m / steps_w)``, ``m = 0..steps_w``, one row per output filter
   (the first ``--filters``), with the model's own nonlinearity (Eq. B.4) and its learned
-  ``d = softplus(rda_d_raw)``, ``v``, ``rho``. Columns that an activation step uses are
+  evolution (``rda``: B.4 with the learned ``d, v, rho``; or the operator of ``rda_equation``,
+  ``linear``, ``mlp``, read from the param names). Columns that an activation step uses are
   marked with ``*``. A freshly initialized model has ``d = 1e-3, v = rho = 0``, so its
   kernels barely move (the titles print ``max|w(t) - w(0)|``); trained ones do.
 * **Curves** (:func:`curves_figure`): test accuracy and train loss per epoch from one or
@@ -62,6 +63,8 @@ __all__ = [
     "gaussian_figure",
     "find_evolved_kernels",
     "kernel_trajectory",
+    "evolution_text",
+    "relative_change",
     "init_params",
     "load_checkpoint_params",
     "kernels_figure",
@@ -182,8 +185,15 @@ def _natural_key(path: tuple[str, ...]):
     return [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", part)] for part in path]
 
 
+_RDA_NAMES = ("rda_v", "rda_rho")
+
+
+def _evolution_names(node: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in node if str(k).startswith(("rda_", "evo_")))
+
+
 def find_evolved_kernels(params: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Mapping[str, Any]]]:
-    """Every module of ``params`` holding an evolved kernel (``kernel`` with ``rda_d_raw, rda_v, rda_rho``).
+    """Every module of ``params`` holding an evolved kernel: ``kernel`` next to evolution params (``rda_*`` / ``evo_*``).
 
     Returns ``[(path, module_dict), ...]`` sorted by path in natural order (so ``layer1_1``
     comes before ``layer1_2`` and ``layer2_2``; AlexNet has one, ``conv2/conv``).
@@ -193,10 +203,13 @@ def find_evolved_kernels(params: Mapping[str, Any]) -> list[tuple[tuple[str, ...
     def walk(node, path):
         if not isinstance(node, Mapping):
             return
-        if "kernel" in node and "rda_d_raw" in node:
-            missing = [k for k in ("rda_v", "rda_rho") if k not in node]
-            if missing:
-                raise ValueError(f"params/{'/'.join(path)} has rda_d_raw but no {', '.join(missing)}")
+        if "kernel" in node and _evolution_names(node):
+            if any(str(k).startswith("rda_") for k in node):
+                missing = [k for k in _RDA_NAMES if k not in node]
+                if "rda_d" not in node and "rda_d_raw" not in node:
+                    missing.insert(0, "rda_d (or rda_d_raw)")
+                if missing:
+                    raise ValueError(f"params/{'/'.join(path)} has RDA coefficients but no {', '.join(missing)}")
             found.append((path, node))
             return
         for key in node:
@@ -206,25 +219,43 @@ def find_evolved_kernels(params: Mapping[str, Any]) -> list[tuple[tuple[str, ...
     return sorted(found, key=lambda item: _natural_key(item[0]))
 
 
+def _module_config(module: Mapping[str, Any], config):
+    """``config`` with the evolution its params were made by (their names tell ``rda`` / ``linear`` / ``mlp`` and the RDA parameterization)."""
+    import dataclasses
+
+    if "evo_generator" in module:
+        return dataclasses.replace(config, evolution="linear")
+    if "evo_w1" in module:
+        return dataclasses.replace(config, evolution="mlp")
+    evolution = config.evolution if config.evolution in ("rda", "rda_equation") else "rda"
+    parameterization = "softplus" if "rda_d_raw" in module else "abs"
+    return dataclasses.replace(config, evolution=evolution, rda_parameterization=parameterization)
+
+
 def kernel_trajectory(module: Mapping[str, Any], config, seed_index: int = 0):
-    """The RDA trajectory ``[w(0), ..., w(1)]`` of one evolved kernel module (Eq. B.4).
+    """The weight trajectory ``[w(0), ..., w(1)]`` of one evolved kernel module (Eq. 2.3c on the weight grid).
 
     Args:
-      module: ``{"kernel": (kh, kw, cin, cout), "rda_d_raw", "rda_v", "rda_rho"}``, each
-        optionally with a leading seed axis (the kernel then has rank 5).
-      config: the resolved :class:`anodev2_jax.models.ODEConfig` (``steps_w``, ``sigma``).
+      module: ``{"kernel": (kh, kw, cin, cout), <evolution params>}`` (the names of
+        :func:`anodev2_jax.layers.declare_evolution`), each optionally with a leading seed
+        axis (the kernel then has rank 5).
+      config: the resolved :class:`anodev2_jax.methods.ODEConfig` (``steps_w``, ``sigma``,
+        ``evolution``; ``rda`` vs ``linear`` vs ``mlp`` and the RDA parameterization are read
+        from the param names, so a run written before those knobs replays as it trained).
       seed_index: which replica of a seed axis to draw.
 
     Returns:
-      ``(traj, coeffs)``: numpy ``(steps_w + 1, kh, kw, cin, cout)`` and the ``RDACoeffs``.
+      ``(traj, evolution)``: numpy ``(steps_w + 1, kh, kw, cin, cout)`` and the evolution
+      (an ``RDACoeffs`` for ``rda``, else the operator), with numpy leaves.
     """
     import jax
     import jax.numpy as jnp
 
-    from anodev2_jax.layers import rda_coeffs
-    from anodev2_jax.rda import evolve_weights
+    from anodev2_jax.evolution import evolve
+    from anodev2_jax.layers import conv_evolution
+    from anodev2_jax.rda import RDACoeffs, evolve_weights
 
-    parts = {k: np.asarray(module[k]) for k in ("kernel", "rda_d_raw", "rda_v", "rda_rho")}
+    parts = {k: np.asarray(module[k]) for k in ["kernel", *_evolution_names(module)]}
     if parts["kernel"].ndim == 5:
         n = parts["kernel"].shape[0]
         if not 0 <= seed_index < n:
@@ -234,11 +265,38 @@ def kernel_trajectory(module: Mapping[str, Any], config, seed_index: int = 0):
         raise ValueError(f"kernel of shape {parts['kernel'].shape}: expected HWIO (kh, kw, cin, cout), optionally with a seed axis")
     dtype = parts["kernel"].dtype
     w0 = jnp.asarray(parts["kernel"])
-    coeffs = rda_coeffs(*(jnp.asarray(parts[k], dtype) for k in ("rda_d_raw", "rda_v", "rda_rho")))
-    traj = evolve_weights(
-        w0, coeffs, num_steps=config.steps_w, dt=1.0 / config.steps_w, nonlinearity=config.sigma, trajectory=True
-    )
-    return np.asarray(traj), jax.tree.map(np.asarray, coeffs)
+    op = conv_evolution({k: jnp.asarray(a, dtype) for k, a in parts.items()}, _module_config(module, config))
+    dt = 1.0 / config.steps_w
+    if isinstance(op, RDACoeffs):
+        traj = evolve_weights(w0, op, num_steps=config.steps_w, dt=dt, nonlinearity=config.sigma, trajectory=True)
+    else:
+        traj = evolve(op, w0, num_steps=config.steps_w, dt=dt, trajectory=True)
+    return np.asarray(traj), jax.tree.map(np.asarray, op)
+
+
+def evolution_text(op) -> str:
+    """One line naming an evolution and its learned parameters (for titles and markdown tables: no ``|``)."""
+    if hasattr(op, "d") and hasattr(op, "v") and hasattr(op, "rho"):  # RDACoeffs, RDAEquation
+        d, v, rho = np.ravel(op.d), np.reshape(op.v, (-1, 2)), np.ravel(op.rho)
+        kind = "B.4" if type(op).__name__ == "RDACoeffs" else "Eq. 2.6"
+        if d.size == 1:
+            return f"RDA ({kind}): d={d[0]:.3g}, v=({v[0, 0]:.3g}, {v[0, 1]:.3g}), rho={rho[0]:.3g}"
+        return (
+            f"RDA ({kind}), per filter, mean abs: d={np.mean(np.abs(d)):.3g}, v={np.mean(np.hypot(v[:, 0], v[:, 1])):.3g}, "
+            f"rho={np.mean(np.abs(rho)):.3g}"
+        )
+    if hasattr(op, "generator"):
+        g = np.asarray(op.generator)
+        return f"linear dw/dt = G w: max abs G={np.max(np.abs(g)):.3g}, Frobenius norm {np.linalg.norm(g):.3g}"
+    params = getattr(op, "params", {})
+    norms = ", ".join(f"{k}={np.max(np.abs(np.asarray(a))):.3g}" for k, a in sorted(params.items()))
+    return f"{type(op).__name__} q, max abs: {norms}"
+
+
+def relative_change(traj: np.ndarray) -> float:
+    """``max |w(1) - w(0)| / max |w(0)|`` of a trajectory (how far the evolution moves a kernel)."""
+    traj = np.asarray(traj, np.float64)
+    return float(np.max(np.abs(traj[-1] - traj[0])) / max(float(np.max(np.abs(traj[0]))), 1e-30))
 
 
 @functools.lru_cache(maxsize=8)
@@ -323,11 +381,11 @@ def kernels_figure(
     kernels = find_evolved_kernels(params)
     if not kernels:
         raise ValueError(
-            "these params hold no evolved kernel (no 'kernel' next to 'rda_d_raw'); they are not from an "
+            "these params hold no evolved kernel (no 'kernel' next to rda_* / evo_* params); they are not from an "
             "anodev2_* model"
         )
     path, module = kernels[0]
-    traj, coeffs = kernel_trajectory(module, config, seed_index)
+    traj, op = kernel_trajectory(module, config, seed_index)
     used = set(trajectory_indices(config.steps_z, config.steps_w, config.schedule))
     rows = max(1, min(int(filters), traj.shape[-1]))
     cols = traj.shape[0]
@@ -346,17 +404,9 @@ def kernels_figure(
             ax.set_title(f"t={m / config.steps_w:.2g}{'*' if m in used else ''}\n{change:.1e}", fontsize=7)
             if m == 0:
                 ax.set_ylabel(f"filter {r}", fontsize=8)
-    d = np.ravel(coeffs.d)
-    v = np.reshape(coeffs.v, (-1, 2))
-    rho = np.ravel(coeffs.rho)
-    coeff_text = (
-        f"d={d[0]:.3g}, v=({v[0, 0]:.3g}, {v[0, 1]:.3g}), rho={rho[0]:.3g}"
-        if d.size == 1
-        else f"per-filter coefficients, filter 0: d={d[0]:.3g}, v=({v[0, 0]:.3g}, {v[0, 1]:.3g}), rho={rho[0]:.3g}"
-    )
     fig.suptitle(
-        f"{title}\n{'/'.join(path)} kernel[:, :, 0, j] over its RDA trajectory: {method}, "
-        f"steps_w={config.steps_w}, sigma={config.nonlinearity}\n{coeff_text}; "
+        f"{title}\n{'/'.join(path)} kernel[:, :, 0, j] over its weight trajectory: {method}, "
+        f"steps_w={config.steps_w}, time kernel {config.time_kernel}\n{evolution_text(op)}; "
         "* = used by an activation step; 2nd title line = max|w(t) - w(0)|",
         fontsize=8,
     )

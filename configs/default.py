@@ -15,7 +15,7 @@ Defaults: ResNet-4 with ANODEV2 configuration 1 on CIFAR-10 (tfds), SGD with mom
 batch 256 (Appendix C). Paper target: Table 1, ResNet-4 configuration 1, 78.11% average
 test accuracy (``configs/resnet4.py`` lists the other rows).
 
-ODE knobs (``steps_z`` ... ``norm``) default to ``None``, which means "the method's
+ODE knobs (``steps_z`` ... ``rda_parameterization``) default to ``None``, which means "the method's
 default" (``anodev2_jax.methods.method_defaults``): e.g. configuration 1 is
 ``steps_z = steps_w = 5, schedule="aligned"``, configuration 2 ``steps_z = 2,
 steps_w = 10, schedule="endpoints"``, ANODE and Neural ODE ``steps_z = 2``.
@@ -41,6 +41,10 @@ def get_config(arg=None):
     config.coeff_granularity = config_dict.placeholder(str)  # kernel | filter
     config.nonlinearity = config_dict.placeholder(str)  # tanh | sigmoid | none (sigma of Eq. 2.6)
     config.norm = config_dict.placeholder(str)  # per_step | shared
+    # Eq. 2.3 (anodev2_* only; anodev2_jax/layers.py declare_evolution says how each starts):
+    config.evolution = config_dict.placeholder(str)  # rda (B.4, default) | rda_equation (Eq. 2.6) | linear | mlp
+    config.time_kernel = config_dict.placeholder(str)  # dirac (default) | exponential | discrete
+    config.rda_parameterization = config_dict.placeholder(str)  # abs (d = |rda_d|, default) | softplus
     # float32 | bfloat16: the activations' and convolutions' dtype; params, BatchNorm
     # statistics and the RDA evolution stay float32 (the usual choice on Hopper GPUs and TPUs)
     config.dtype = "float32"
@@ -61,7 +65,8 @@ def get_config(arg=None):
     config.lr_decay_factor = 0.1
     config.momentum = 0.9
     config.weight_decay = 5e-4
-    config.decay_rda_coeffs = False  # weight decay on the RDA coefficients (rda_*): see anodev2_jax/optim.py
+    config.decay_rda_coeffs = False  # weight decay on the evolution params (rda_*, evo_*, time_*): see anodev2_jax/optim.py
+    config.evolution_lr_scale = 1.0  # learning rate of the evolution and time-kernel params / the schedule's
 
     # --- seeds: num_seeds replicas (seeds seed, seed+1, ...) trained in one vmapped program
     config.seed = 0

@@ -56,6 +56,8 @@ def random_variables(model, x, seed=0):
             a = 1.0 + 0.5 * rng.uniform(size=s.shape)
         elif "rda_d_raw" in name:
             a = -2.0 + 0.5 * rng.normal(size=s.shape)  # d = softplus(.) ~ 0.13
+        elif "'rda_d'" in name:
+            a = 0.13 + 0.03 * rng.normal(size=s.shape)  # d = |.| ~ 0.13
         elif "rda_" in name:
             a = 0.3 * rng.normal(size=s.shape)
         elif "kernel" in name:
@@ -147,7 +149,7 @@ def test_init_values():
     variables = model.init(jax.random.key(0, impl="unsafe_rbg"), _images(n=1, hw=8))
     block = variables["params"]["layer1_1"]
     assert block["conv1"]["kernel"].shape == (3, 3, 16, 16)
-    np.testing.assert_allclose(jax.nn.softplus(block["conv1"]["rda_d_raw"]), layers.D_INIT, rtol=1e-5)
+    np.testing.assert_array_equal(block["conv1"]["rda_d"], np.float32(layers.D_INIT))  # d = |rda_d|
     assert np.all(block["conv2"]["rda_v"] == 0) and np.all(block["conv2"]["rda_rho"] == 0)
     assert np.all(block["bn1"]["scale"] == 1) and block["bn1"]["scale"].shape == (5, 16)
     stats = variables["batch_stats"]["layer1_1"]["bn2"]
@@ -259,7 +261,7 @@ def test_anodev2_conf2_gradients_finite():
     grads = _grad(model, variables, x)
     _check_finite_grads(grads, variables["params"], jnp.float32)
     for conv in ("conv1", "conv2"):
-        for coeff in ("rda_d_raw", "rda_v", "rda_rho"):
+        for coeff in ("rda_d", "rda_v", "rda_rho"):
             assert np.any(grads["layer1_1"][conv][coeff] != 0), (conv, coeff)
 
 
@@ -268,6 +270,77 @@ def test_diffusion_nonnegative():
     coeffs = layers.rda_coeffs(d_raw, jnp.zeros((5, 2), jnp.float32), jnp.zeros(5, jnp.float32))
     assert np.all(coeffs.d >= 0) and coeffs.d.dtype == jnp.float32
     check_coeffs(coeffs, (3, 3, 4, 5))  # the core's validator rejects any concrete d < 0
+    d = layers.rda_diffusion({"rda_d": jnp.asarray([-0.5, -1e-3, 0.0, 2.0], jnp.float32)}, "abs")
+    np.testing.assert_array_equal(d, np.asarray([0.5, 1e-3, 0.0, 2.0], np.float32))
+
+
+def test_softplus_parameterization_is_the_one_before():
+    """rda_parameterization='softplus' declares rda_d_raw at softplus^-1(1e-3), as every run before the knob."""
+    model = get_model("resnet4", "anodev2_conf1", rda_parameterization="softplus")
+    shapes = _shapes(model, _images(n=1, hw=8))
+    assert set(shapes["params"]["layer1_1"]["conv1"]) == {"kernel", "rda_d_raw", "rda_v", "rda_rho"}
+    variables = model.init(jax.random.key(0, impl="unsafe_rbg"), _images(n=1, hw=8))
+    np.testing.assert_allclose(jax.nn.softplus(variables["params"]["layer1_1"]["conv1"]["rda_d_raw"]), layers.D_INIT, rtol=1e-5)
+
+
+# Every evolution operator (Eq. 2.3c) with a time kernel (Eq. 2.3d) in ResNet-4 conf. 1: the
+# declared params (names, shapes, inits) and, in float64 on 8x8 images, the hand-written
+# adjoint against jax.grad with every evolution and kernel parameter getting a gradient.
+EVOLUTION_CASES = [
+    ("rda", "exponential", {"rda_d": (), "rda_v": (2,), "rda_rho": ()}),
+    ("rda_equation", "discrete", {"rda_d": (), "rda_v": (2,), "rda_rho": ()}),
+    ("linear", "dirac", {"evo_generator": (9, 9)}),
+    ("mlp", "exponential", {"evo_w1": (9, 16), "evo_b1": (16,), "evo_w2": (16, 9), "evo_b2": (9,)}),
+]
+
+
+@pytest.mark.parametrize("evolution,time_kernel,declared", EVOLUTION_CASES, ids=[c[0] + "-" + c[1] for c in EVOLUTION_CASES])
+def test_every_evolution_and_time_kernel_in_the_model(evolution, time_kernel, declared):
+    kw = dict(evolution=evolution, time_kernel=time_kernel, dtype="float64", remat="none")
+    auto = get_model("resnet4", "anodev2_conf1", adjoint="autodiff", **kw)
+    disc = get_model("resnet4", "anodev2_conf1", adjoint="discrete", **kw)
+    x = _images(hw=8, dtype=jnp.float64)
+    shapes = _shapes(auto, x)["params"]["layer1_1"]
+    for conv in ("conv1", "conv2"):
+        assert {k: v.shape for k, v in shapes[conv].items() if k != "kernel"} == declared
+    kernel_params = {"dirac": set(), "exponential": {"time_rate_raw"}, "discrete": {"time_values"}}[time_kernel]
+    assert {k for k in shapes if k.startswith("time_")} == kernel_params
+    if time_kernel == "discrete":
+        assert shapes["time_values"].shape == (6,)  # one weight per lag, steps_w + 1
+
+    init = auto.init(jax.random.key(0, impl="unsafe_rbg"), x)["params"]["layer1_1"]
+    if time_kernel == "exponential":
+        np.testing.assert_allclose(jax.nn.softplus(init["time_rate_raw"]), layers.EXP_RATE_INIT, rtol=1e-12)
+    if time_kernel == "discrete":
+        np.testing.assert_array_equal(init["time_values"], [1, 0, 0, 0, 0, 0])  # the Dirac delta
+    for name in declared:
+        if name in ("evo_generator", "evo_w2", "evo_b1", "evo_b2", "rda_v", "rda_rho"):
+            assert np.all(init["conv1"][name] == 0), name  # no evolution at init
+
+    variables = random_variables(auto, x)
+    g_auto, g_disc = _grad(auto, variables, x), _grad(disc, variables, x)
+    _check_finite_grads(g_auto, variables["params"], jnp.float64)
+    for conv in ("conv1", "conv2"):
+        for name in declared:
+            assert np.any(g_auto["layer1_1"][conv][name] != 0), (conv, name)
+    for name in kernel_params:
+        assert np.all(g_auto["layer1_1"][name] != 0) if name == "time_rate_raw" else np.any(g_auto["layer1_1"][name] != 0)
+    assert max_rel_err(g_disc, g_auto) < 1e-10
+
+
+def test_per_filter_operators_and_bad_evolution_knobs():
+    shapes = _shapes(get_model("resnet4", "anodev2_conf1", evolution="linear", coeff_granularity="filter"), _images(n=1, hw=8))
+    assert shapes["params"]["layer1_1"]["conv1"]["evo_generator"].shape == (16, 9, 9)
+    shapes = _shapes(get_model("alexnet", "anodev2_conf2", evolution="rda_equation", coeff_granularity="filter"), _images(n=1))
+    assert shapes["params"]["conv2"]["conv"]["rda_v"].shape == (64, 2)
+    with pytest.raises(ValueError, match=r"evolution='fourier' is not supported; use one of 'rda', 'rda_equation'"):
+        get_model("resnet4", "anodev2_conf1", evolution="fourier")
+    with pytest.raises(ValueError, match=r"time_kernel='gaussian' is not supported"):
+        get_model("resnet4", "anodev2_conf1", time_kernel="gaussian")
+    with pytest.raises(ValueError, match=r"rda_parameterization='square' is not supported"):
+        get_model("resnet4", "anodev2_conf1", rda_parameterization="square")
+    with pytest.raises(ValueError, match=r"coeff_granularity='filter' with evolution='mlp'.*use coeff_granularity='kernel'"):
+        get_model("resnet4", "anodev2_conf1", evolution="mlp", coeff_granularity="filter")
 
 
 def test_discrete_adjoint_matches_autodiff():
@@ -280,7 +353,7 @@ def test_discrete_adjoint_matches_autodiff():
     g_auto, g_disc = _grad(auto, variables, x), _grad(disc, variables, x)
     _check_finite_grads(g_auto, variables["params"], jnp.float64)
     for conv in ("conv1", "conv2"):
-        for coeff in ("rda_d_raw", "rda_v", "rda_rho"):
+        for coeff in ("rda_d", "rda_v", "rda_rho"):
             assert np.any(g_auto["layer1_1"][conv][coeff] != 0), (conv, coeff)
     assert max_rel_err(g_disc, g_auto) < 1e-10
 

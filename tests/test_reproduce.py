@@ -175,6 +175,32 @@ def test_cli_bad_input(tmp_path, capsys):
     assert not (tmp_path / "results.md").exists()
 
 
+def test_evolution_table_rows_and_report(tmp_path, capsys):
+    rows = reproduce.rows_for(["evolution"])
+    assert [r for r, _, _ in rows] == list(reproduce.EVOLUTION_ROWS)
+    assert dict((r, (m, e)) for r, m, e in rows)["conf1_mlp"] == ("anodev2_conf1", {"evolution": "mlp"})
+    assert [r for r, _, _ in reproduce.rows_for([2, "evolution"])][:5] == list(methods.METHODS)  # shared run dirs
+    assert reproduce._parse_tables(["evolution", "2", "1"]) == [1, 2, "evolution"]
+    write_summary(tmp_path, "resnet4", "baseline", [0.80, 0.84])
+    d = write_summary(tmp_path, "resnet4", "conf1_linear", [0.81, 0.87])
+    record = {"step": 3, "evolution": "linear", "time_kernel": None, "kernels": [
+        {"path": "layer1_1/conv1", "evolution": "linear dw/dt = G w: max abs G=0.1", "relative_change": [0.01, 0.03]},
+        {"path": "layer1_1/conv2", "evolution": "linear dw/dt = G w: max abs G=0.2", "relative_change": [0.02, 0.05]},
+    ]}  # fmt: skip
+    (d / reproduce.EVOLUTION_FILE).write_text(json.dumps(record))
+    out = tmp_path / "r.md"
+    assert reproduce.main(["--table", "evolution", "--workdir", str(tmp_path), "--report-only", "--out", str(out)]) == 0
+    text = out.read_text()
+    acc = table_rows(text.split("**What the evolution learned")[0])
+    assert acc["Baseline (ResNet)"] == ["80.00% / 84.00%", "82.00%", ""]
+    assert acc["Conf. 1, q = linear (dw/dt = G w)"] == ["81.00% / 87.00%", "84.00%", "+2.00%"]
+    assert acc["Conf. 1, q = MLP"] == ["— / —", "—", "—"]
+    learned = table_rows(text.split("**What the evolution learned")[1].split("**Table 3")[0])
+    assert learned["Conf. 1, q = linear (dw/dt = G w)"] == ["ResNet-4", "linear dw/dt = G w: max abs G=0.1", "0.010 / 0.050", "—"]
+    assert reproduce.main(["--table", "evolution", "--workdir", str(tmp_path), "--only", "conf1_fourier"]) == 2
+    assert "--only conf1_fourier: not a row" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- configs and resume
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from configs import default, smoke
 
-from anodev2_jax import methods, run_config, training
+from anodev2_jax import methods, run_config, steps, training
 
 
 def test_default_config_fields_are_the_validated_ones():
@@ -81,3 +81,26 @@ def test_remat_budget_field():
     assert run_config.resolved_knobs(cfg)["remat"] == "auto"
     assert run_config.resolved_knobs(cfg, {"remat": "block"})["remat"] == "block"
     assert run_config.resolved_knobs({**cfg, "remat": "step"}, {"remat": "block"})["remat"] == "step"
+
+
+def test_evolution_fields_and_the_runs_written_before_them():
+    config = default.get_config("anodev2_conf1")
+    assert (config.evolution, config.time_kernel, config.rda_parameterization, config.evolution_lr_scale) == (None, None, None, 1.0)
+    assert {"evolution", "time_kernel", "rda_parameterization"} <= set(run_config.KNOB_FIELDS)
+    knobs = run_config.resolved_knobs(run_config.config_dict(config))
+    assert (knobs["evolution"], knobs["time_kernel"], knobs["rda_parameterization"]) == ("rda", "dirac", "abs")
+    # a config.json from before the knobs: B.4 with d = softplus(rda_d_raw), as it trained
+    old = {k: v for k, v in run_config.config_dict(config).items() if k not in run_config.ADDED_FIELDS}
+    assert run_config.legacy_defaults(old) == {"rda_parameterization": "softplus", "remat": "block"}
+    assert run_config.legacy_defaults({**old, "remat_budget_mb": 2048.0}) == {"rda_parameterization": "softplus"}
+    assert run_config.resolved_knobs(old, run_config.legacy_defaults(old))["rda_parameterization"] == "softplus"
+    assert run_config.legacy_defaults({**old, "method": "anode"}) == {"remat": "block"}
+    for field, bad in (("evolution_lr_scale", 0.0), ("evolution_lr_scale", float("nan")), ("evolution_lr_scale", -2.0)):
+        config = default.get_config("anodev2_conf1")
+        config[field] = bad
+        with pytest.raises(training.ConfigError, match=rf"config\.{field}=.*--config\.{field}"):
+            training.validate_config(config)
+    config = default.get_config("anodev2_conf1")
+    config.evolution = "fourier"
+    with pytest.raises(training.ConfigError, match=r"evolution='fourier' is not supported; use one of 'rda'"):
+        steps.create_model(config)

@@ -49,6 +49,21 @@ def _combo_params():
         yield pytest.param(name, method, id=f"{name}-{method}", marks=marks)
 
 
+def test_two_steps_with_a_learned_operator_and_time_kernel(tmp_path):
+    """--config.evolution=mlp --config.time_kernel=exponential trains: q's and K's params move, at evolution_lr_scale."""
+    config = tiny_config("resnet4", "anodev2_conf1", evolution="mlp", time_kernel="exponential", evolution_lr_scale=4.0)
+    summary = training.train_and_evaluate(config, tmp_path)
+    assert (summary["ode"]["evolution"], summary["ode"]["time_kernel"]) == ("mlp", "exponential")
+    assert math.isfinite(summary["train_loss"][0]) and summary["steps"] == 2
+    block = restore_state(tmp_path, 2)["params"]["layer1_1"]
+    init = jax.jit(models.get_model("resnet4", "anodev2_conf1", evolution="mlp", time_kernel="exponential").init)(
+        jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)
+    )["params"]["layer1_1"]
+    assert np.all(np.asarray(init["conv1"]["evo_w2"]) == 0) and np.any(np.asarray(block["conv1"]["evo_w2"][0]) != 0)
+    assert np.asarray(block["time_rate_raw"][0]) != np.asarray(init["time_rate_raw"])
+    assert json.loads((tmp_path / "config.json").read_text())["evolution_lr_scale"] == 4.0
+
+
 @pytest.mark.parametrize("name, method", list(_combo_params()))
 def test_two_steps_every_model_and_method(tmp_path, name, method):
     summary = training.train_and_evaluate(tiny_config(name, method), tmp_path)

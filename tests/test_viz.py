@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from anodev2_jax import RDACoeffs, evolve_weights, viz
+from anodev2_jax.evolution import LinearEvolution, MLPField, ODEEvolution, RDAEquation, evolve
 from anodev2_jax.layers import rda_coeffs
 from anodev2_jax.methods import resolve_config
 from anodev2_jax.models import get_model
@@ -98,10 +99,47 @@ def test_kernel_trajectory_matches_evolve_weights(init_params):
     module = init_params["layer1_1"]["conv1"]
     config = resolve_config("anodev2_conf2")
     traj, _ = viz.kernel_trajectory(module, config)
-    coeffs = rda_coeffs(*(jnp.asarray(module[k]) for k in ("rda_d_raw", "rda_v", "rda_rho")))
+    coeffs = RDACoeffs(jnp.abs(jnp.asarray(module["rda_d"])), jnp.asarray(module["rda_v"]), jnp.asarray(module["rda_rho"]))
     want = evolve_weights(jnp.asarray(module["kernel"]), coeffs, num_steps=10, dt=0.1, trajectory=True)
     assert traj.shape == (11, 3, 3, 16, 16)
     np.testing.assert_allclose(traj, np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+def _module(names_shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    module = {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32) * 0.3}
+    for name, shape in names_shapes.items():
+        module[name] = (0.2 * rng.normal(size=shape)).astype(np.float32)
+    return module
+
+
+@pytest.mark.parametrize("evolution", ["rda_equation", "linear", "mlp", "softplus"])
+def test_kernel_trajectory_of_every_operator(evolution):
+    """The param names pick the operator (and the RDA parameterization), so a run replays as it trained."""
+    if evolution == "rda_equation":
+        module = _module({"rda_d": (), "rda_v": (2,), "rda_rho": ()})
+        op = RDAEquation(abs(module["rda_d"]), module["rda_v"], module["rda_rho"], sigma=jnp.tanh)
+        text = "RDA (Eq. 2.6): d="
+    elif evolution == "linear":
+        module = _module({"evo_generator": (9, 9)})
+        op, text = LinearEvolution(module["evo_generator"]), "linear dw/dt = G w: max abs G="
+    elif evolution == "mlp":
+        module = _module({"evo_w1": (9, 16), "evo_b1": (16,), "evo_w2": (16, 9), "evo_b2": (9,)})
+        op = ODEEvolution(MLPField(), {k[4:]: jnp.asarray(module[k]) for k in module if k != "kernel"})
+        text = "ODEEvolution q, max abs: b1="
+    else:  # a run written before rda_parameterization: d = softplus(rda_d_raw), B.4
+        module = _module({"rda_d_raw": (), "rda_v": (2,), "rda_rho": ()})
+        op = rda_coeffs(jnp.asarray(module["rda_d_raw"]), jnp.asarray(module["rda_v"]), jnp.asarray(module["rda_rho"]))
+        text = "RDA (B.4): d="
+    config = resolve_config("anodev2_conf1", evolution="rda_equation" if evolution == "rda_equation" else None)
+    traj, got = viz.kernel_trajectory(module, config)
+    if evolution == "softplus":
+        want = evolve_weights(jnp.asarray(module["kernel"]), op, num_steps=5, dt=0.2, trajectory=True)
+    else:
+        want = evolve(op, jnp.asarray(module["kernel"]), num_steps=5, dt=0.2, trajectory=True)
+    np.testing.assert_allclose(traj, np.asarray(want), rtol=1e-6, atol=1e-7)
+    assert viz.evolution_text(got).startswith(text)
+    assert viz.relative_change(traj) == pytest.approx(np.max(np.abs(traj[-1] - traj[0])) / np.max(np.abs(traj[0])))
 
 
 def _stack_seeds(tree, n):
@@ -139,7 +177,7 @@ def test_kernels_from_training_checkpoint(tmp_path, init_params):
     traj, coeffs = viz.kernel_trajectory(loaded["layer1_1"]["conv1"], resolve_config("anodev2_conf2"), seed_index=1)
     want = evolve_weights(
         conv1["kernel"][1],
-        RDACoeffs(jax.nn.softplus(conv1["rda_d_raw"][1]), conv1["rda_v"][1], conv1["rda_rho"][1]),
+        RDACoeffs(jnp.abs(conv1["rda_d"][1]), conv1["rda_v"][1], conv1["rda_rho"][1]),
         num_steps=10, dt=0.1, trajectory=True,
     )
     np.testing.assert_allclose(traj, np.asarray(want), rtol=1e-6, atol=1e-7)

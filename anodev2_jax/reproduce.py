@@ -74,6 +74,7 @@ __all__ = [
     "format_evolution_table",
     "EVOLUTION_ROWS",
     "rows_for",
+    "parse_tables",
     "evolution_record",
     "format_param_table",
     "param_counts",
@@ -600,7 +601,7 @@ def evolution_record(workdir: str | Path, config) -> Optional[dict[str, Any]]:
 # ----------------------------------------------------------------------------- command line
 
 
-def _parse_tables(values: Sequence[str]) -> list[int | str]:
+def parse_tables(values: Sequence[str]) -> list[int | str]:
     out: list[int | str] = []
     for v in values:
         if v == "all":
@@ -654,7 +655,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input; 3, 4, 130, 143 as train.py)."""
     args = build_parser().parse_args(argv)
     try:
-        tables = _parse_tables(args.table)
+        tables = parse_tables(args.table)
     except argparse.ArgumentTypeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -180,7 +180,7 @@ def test_evolution_table_rows_and_report(tmp_path, capsys):
     assert [r for r, _, _ in rows] == list(reproduce.EVOLUTION_ROWS)
     assert dict((r, (m, e)) for r, m, e in rows)["conf1_mlp"] == ("anodev2_conf1", {"evolution": "mlp"})
     assert [r for r, _, _ in reproduce.rows_for([2, "evolution"])][:5] == list(methods.METHODS)  # shared run dirs
-    assert reproduce._parse_tables(["evolution", "2", "1"]) == [1, 2, "evolution"]
+    assert reproduce.parse_tables(["evolution", "2", "1"]) == [1, 2, "evolution"]
     write_summary(tmp_path, "resnet4", "baseline", [0.80, 0.84])
     d = write_summary(tmp_path, "resnet4", "conf1_linear", [0.81, 0.87])
     record = {"step": 3, "evolution": "linear", "time_kernel": None, "kernels": [

@@ -562,7 +562,7 @@ def evolution_record(workdir: str | Path, config) -> Optional[dict[str, Any]]:
     ``{"step", "evolution", "time_kernel", "kernels": [{"path", "evolution", "relative_change"}]}``:
     per evolved kernel the learned evolution of seed 0 (:func:`anodev2_jax.viz.evolution_text`)
     and ``max |w(1) - w(0)| / max |w(0)|`` per seed (:func:`anodev2_jax.viz.relative_change`);
-    the time kernel's learned parameter of seed 0 (``rate = softplus(time_rate_raw)`` or the
+    the time kernel's learned parameter of seed 0 (``rate = exp(time_log_rate)`` or the
     per-lag ``values``) where the run has one.
     """
     import numpy as np
@@ -586,9 +586,9 @@ def evolution_record(workdir: str | Path, config) -> Optional[dict[str, Any]]:
         kernels.append({"path": "/".join(path), "evolution": text, "relative_change": changes})
     time_kernel = None
     for name, node in sorted(params.items()):
-        if isinstance(node, dict) and "time_rate_raw" in node:
-            raw = float(np.ravel(np.asarray(node["time_rate_raw"]))[0])
-            time_kernel = f"{name}: exponential, rate={float(np.logaddexp(0.0, raw)):.3g}"
+        if isinstance(node, dict) and "time_log_rate" in node:
+            log_rate = float(np.ravel(np.asarray(node["time_log_rate"]))[0])
+            time_kernel = f"{name}: exponential, rate={float(np.exp(log_rate)):.4g}"
         elif isinstance(node, dict) and "time_values" in node:
             values = np.asarray(node["time_values"])
             values = values[0] if values.ndim == 2 else values

@@ -49,7 +49,20 @@ EXTRA_ROWS = {
     "conf2_block": ("anodev2_conf2", {"remat": "block"}),
     "anode_z5_block": ("anode", {"steps_z": 5, "remat": "block"}),
 }
-ALL_ROWS = {**METHOD_ROWS, **EXTRA_ROWS}
+# Evolution operators and time kernels (Eq. 2.3c-d) in configuration 1, and the hand-written
+# adjoint against autodiff (``--methods`` picks them; step_time.py prints their ratios to
+# ANODE steps_z=5 and to conf. 1 with autodiff).
+EVOLUTION_ROWS = {
+    "conf1_rda_equation": ("anodev2_conf1", {"evolution": "rda_equation"}),
+    "conf1_linear": ("anodev2_conf1", {"evolution": "linear"}),
+    "conf1_mlp": ("anodev2_conf1", {"evolution": "mlp"}),
+    "conf1_exponential": ("anodev2_conf1", {"time_kernel": "exponential"}),
+    "conf1_discrete_kernel": ("anodev2_conf1", {"time_kernel": "discrete"}),
+    "conf1_adjoint": ("anodev2_conf1", {"adjoint": "discrete"}),
+    "conf1_mlp_exponential_adjoint": ("anodev2_conf1", {"evolution": "mlp", "time_kernel": "exponential", "adjoint": "discrete"}),
+    "conf1_mlp_exponential": ("anodev2_conf1", {"evolution": "mlp", "time_kernel": "exponential"}),
+}
+ALL_ROWS = {**METHOD_ROWS, **EXTRA_ROWS, **EVOLUTION_ROWS}
 MODEL_TITLES = {"resnet4": "ResNet-4", "resnet10": "ResNet-10", "alexnet": "AlexNet"}
 
 

@@ -62,7 +62,25 @@ METHOD_LABELS = {
     "conf1_block": "ANODEV2 conf. 1, remat=block",
     "conf2_block": "ANODEV2 conf. 2, remat=block",
     "anode_z5_block": "ANODE steps_z=5, remat=block",
+    "conf1_rda_equation": "conf. 1, q = RDA Eq. 2.6 (RK4)",
+    "conf1_linear": "conf. 1, q = linear (expm)",
+    "conf1_mlp": "conf. 1, q = MLP (RK4)",
+    "conf1_exponential": "conf. 1, K = exponential",
+    "conf1_discrete_kernel": "conf. 1, K = discrete",
+    "conf1_adjoint": "conf. 1, adjoint=discrete",
+    "conf1_mlp_exponential": "conf. 1, q = MLP, K = exponential",
+    "conf1_mlp_exponential_adjoint": "conf. 1, q = MLP, K = exponential, adjoint=discrete",
 }
+# The evolution rows' ratios: each operator / kernel to ANODE at the same steps_z = 5 (issue
+# 12's bound: <= 1.10, as RDA's conf. 1), and the hand-written adjoint to autodiff (<= 1.2).
+EVOLUTION_RATIOS = (
+    *((row, "anode_z5", f"{METHOD_LABELS[row]} / ANODE steps_z=5") for row in (
+        "conf1", "conf1_rda_equation", "conf1_linear", "conf1_mlp", "conf1_exponential", "conf1_discrete_kernel",
+        "conf1_mlp_exponential",
+    )),
+    ("conf1_adjoint", "conf1", "conf. 1: adjoint=discrete / autodiff"),
+    ("conf1_mlp_exponential_adjoint", "conf1_mlp_exponential", "conf. 1, q = MLP, K = exponential: adjoint=discrete / autodiff"),
+)
 
 
 def lowered_flops(config, state, batch) -> float | None:
@@ -148,6 +166,7 @@ def format_results(results: list[dict], args) -> str:
             ("conf2_none", "baseline", "conf. 2 remat=none / baseline"),
             ("conf1_block", "anode_z5_block", "conf. 1 / ANODE steps_z=5, both remat=block"),
             ("conf2_block", "baseline", "conf. 2 remat=block / baseline"),
+            *EVOLUTION_RATIOS[1:],
         ):
             a, b = by.get((model, num)), by.get((model, den))
             if a and b:
@@ -165,7 +184,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(common.METHOD_ROWS), choices=list(common.ALL_ROWS),
                    help="rows to time (default: the six of the paper's tables, remat='auto'; also conf1_none, "
                    "conf2_none, anode_z5_none: without checkpointing; conf1_block, conf2_block, anode_z5_block: "
-                   "ANODE's block checkpointing, the default before remat='auto')")
+                   "ANODE's block checkpointing, the default before remat='auto'; "
+                   + ", ".join(common.EVOLUTION_ROWS) + ": evolution operators, time kernels and the discrete adjoint "
+                   "in conf. 1, with their ratios to ANODE steps_z=5 and to autodiff)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")

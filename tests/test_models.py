@@ -303,14 +303,14 @@ def test_every_evolution_and_time_kernel_in_the_model(evolution, time_kernel, de
     shapes = _shapes(auto, x)["params"]["layer1_1"]
     for conv in ("conv1", "conv2"):
         assert {k: v.shape for k, v in shapes[conv].items() if k != "kernel"} == declared
-    kernel_params = {"dirac": set(), "exponential": {"time_rate_raw"}, "discrete": {"time_values"}}[time_kernel]
+    kernel_params = {"dirac": set(), "exponential": {"time_log_rate"}, "discrete": {"time_values"}}[time_kernel]
     assert {k for k in shapes if k.startswith("time_")} == kernel_params
     if time_kernel == "discrete":
         assert shapes["time_values"].shape == (6,)  # one weight per lag, steps_w + 1
 
     init = auto.init(jax.random.key(0, impl="unsafe_rbg"), x)["params"]["layer1_1"]
     if time_kernel == "exponential":
-        np.testing.assert_allclose(jax.nn.softplus(init["time_rate_raw"]), layers.EXP_RATE_INIT, rtol=1e-12)
+        np.testing.assert_allclose(jnp.exp(init["time_log_rate"]), layers.EXP_RATE_INIT, rtol=1e-12)
     if time_kernel == "discrete":
         np.testing.assert_array_equal(init["time_values"], [1, 0, 0, 0, 0, 0])  # the Dirac delta
     for name in declared:
@@ -324,7 +324,7 @@ def test_every_evolution_and_time_kernel_in_the_model(evolution, time_kernel, de
         for name in declared:
             assert np.any(g_auto["layer1_1"][conv][name] != 0), (conv, name)
     for name in kernel_params:
-        assert np.all(g_auto["layer1_1"][name] != 0) if name == "time_rate_raw" else np.any(g_auto["layer1_1"][name] != 0)
+        assert np.all(g_auto["layer1_1"][name] != 0) if name == "time_log_rate" else np.any(g_auto["layer1_1"][name] != 0)
     assert max_rel_err(g_disc, g_auto) < 1e-10
 
 

@@ -38,11 +38,11 @@ def test_host_learning_rate_is_the_schedule_bit_for_bit():
 def test_every_evolution_and_time_kernel_param_is_masked_off_decay():
     params = {
         "conv1": {"kernel": 1.0, "rda_d": 2.0, "evo_generator": 3.0, "evo_w1": 4.0},
-        "time_rate_raw": 5.0, "time_values": 6.0, "bn": {"scale": 7.0},
+        "time_log_rate": 5.0, "time_values": 6.0, "bn": {"scale": 7.0},
     }  # fmt: skip
     assert optim.weight_decay_mask(params) == {
         "conv1": {"kernel": True, "rda_d": False, "evo_generator": False, "evo_w1": False},
-        "time_rate_raw": False, "time_values": False, "bn": {"scale": True},
+        "time_log_rate": False, "time_values": False, "bn": {"scale": True},
     }  # fmt: skip
     assert optim.evolution_mask(params) == jax.tree.map(lambda keep: not keep, optim.weight_decay_mask(params))
 
@@ -53,7 +53,7 @@ def test_evolution_lr_scale_multiplies_exactly_the_evolution_params_updates(mome
     import jax.numpy as jnp
 
     params = {"conv1": {"kernel": jnp.ones(3), "rda_d": jnp.full((), 0.5), "evo_generator": jnp.ones((2, 2))},
-              "time_rate_raw": jnp.full((), 2.0), "fc": {"kernel": jnp.ones(2)}}  # fmt: skip
+              "time_log_rate": jnp.full((), 2.0), "fc": {"kernel": jnp.ones(2)}}  # fmt: skip
     grads = jax.tree.map(lambda a: 0.25 * jnp.ones_like(a) + 0.5, params)
     updates = {}
     for scale in (1.0, 8.0):
@@ -67,7 +67,7 @@ def test_evolution_lr_scale_multiplies_exactly_the_evolution_params_updates(mome
             steps.append(u)
         updates[scale] = steps
     evo = jax.tree_util.tree_leaves(optim.evolution_mask(params))
-    assert evo == [True, False, True, False, True]  # conv1/evo_generator, conv1/kernel, conv1/rda_d, fc/kernel, time_rate_raw
+    assert evo == [True, False, True, False, True]  # conv1/evo_generator, conv1/kernel, conv1/rda_d, fc/kernel, time_log_rate
     first1, first8 = (jax.tree_util.tree_leaves(updates[s][0]) for s in (1.0, 8.0))
     second1, second8 = (jax.tree_util.tree_leaves(updates[s][1]) for s in (1.0, 8.0))
     for is_evo, a1, a8, b1, b8 in zip(evo, first1, first8, second1, second8):

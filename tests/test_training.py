@@ -60,7 +60,7 @@ def test_two_steps_with_a_learned_operator_and_time_kernel(tmp_path):
         jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)
     )["params"]["layer1_1"]
     assert np.all(np.asarray(init["conv1"]["evo_w2"]) == 0) and np.any(np.asarray(block["conv1"]["evo_w2"][0]) != 0)
-    assert np.asarray(block["time_rate_raw"][0]) != np.asarray(init["time_rate_raw"])
+    assert np.asarray(block["time_log_rate"][0]) != np.asarray(init["time_log_rate"])
     assert json.loads((tmp_path / "config.json").read_text())["evolution_lr_scale"] == 4.0
 
 

@@ -23,6 +23,7 @@ COMMANDS = {
     "conv_kernels": [str(BENCH / "conv_kernels.py"), "--quick"],
     "host_overhead": [str(BENCH / "host_overhead.py"), "--quick"],
     "rda_consistency": [str(BENCH / "rda_consistency.py"), "--quick"],
+    "evolution_updates": [str(BENCH / "evolution_updates.py"), "--quick"],
 }
 
 
@@ -102,6 +103,18 @@ def test_host_overhead_quick(outputs):
 @pytest.mark.slow
 def test_rda_consistency_quick(outputs):
     _check(outputs, "rda_consistency", ["B.4 vs Eq. 2.6 (tanh)", "RK4 x1 vs x64", "ResNet-4 3x3x16x16"])
+
+
+@pytest.mark.slow
+def test_evolution_updates_quick(outputs):
+    """The finding behind rda_parameterization: under softplus d's first update barely touches w(1); under abs it does."""
+    _check(outputs, "evolution_updates", ["conv1/rda_d_raw", "conv1/rda_d ", "vs the kernel's"])
+    ratio = {}
+    for line in outputs["evolution_updates"][1].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[1] in ("conv1/rda_d_raw", "conv1/rda_d"):
+            ratio[cells[1]] = float(cells[5])
+    assert ratio["conv1/rda_d_raw"] < 1e-4 < 0.1 < ratio["conv1/rda_d"], ratio
 
 
 def test_profile_split_shares_overlapping_time_and_classifies_hlo():

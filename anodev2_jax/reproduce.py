@@ -4,6 +4,8 @@ Usage::
 
     python -m anodev2_jax.reproduce --model resnet4 --table 1
     python -m anodev2_jax.reproduce --model all --table 1 2 4 --dataset cifar10_local --data-dir ~/data
+    # every evolution operator q and time kernel K in configuration 1, beside the paper's methods:
+    python -m anodev2_jax.reproduce --table evolution --dataset npz --data-dir /tmp/digits32.npz --epochs 15
     # a short run on generated data (seconds to minutes on a CPU):
     python -m anodev2_jax.reproduce --model resnet4 --table 2 --dataset synthetic \
         --epochs 1 --num-train 64 --num-test 64 --batch-size 32 --num-seeds 2 --workdir /tmp/repro

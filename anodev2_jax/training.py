@@ -576,6 +576,15 @@ def _print_header(plan: Plan, trainer: Trainer) -> None:
     if plan.model.config.remat == "auto" and trainer.start_step < plan.final_step:
         blocks = ", ".join(f"{name} {mode}" for name, mode in _remat_plan(plan).items())
         rundir.say(f"remat auto (budget {config.remat_budget_mb:g} MiB per device and block): {blocks}")
+    ode_config = plan.model.config
+    if ode_config.evolve and trainer.start_step < plan.final_step:
+        q = {"rda": "rda (Eq. B.4)", "rda_equation": "rda_equation (Eq. 2.6)"}.get(ode_config.evolution, ode_config.evolution)
+        if ode_config.evolution.startswith("rda"):
+            q += ", d = |rda_d|" if ode_config.rda_parameterization == "abs" else ", d = softplus(rda_d_raw)"
+        rundir.say(
+            f"evolution q = {q}, time kernel K = {ode_config.time_kernel}, "
+            f"evolution_lr_scale {config.get('evolution_lr_scale', 1.0):g}"
+        )
 
 
 # Beyond this many ODE steps the header warns that compiling takes minutes (run_config.MAX_ODE_STEPS).

@@ -296,6 +296,7 @@ def test_smoke_run_end_to_end(tmp_path):
     assert summary["method"] == "anodev2_conf2" and summary["test_accuracy_avg"] > 0.3
     assert "test accuracy over 1 seed(s)" in proc.stdout
     assert "remat auto (budget 2048 MiB per device and block): layer1_1 none" in proc.stdout
+    assert "evolution q = rda (Eq. B.4), d = |rda_d|, time kernel K = dirac, evolution_lr_scale 1" in proc.stdout
     assert summary["ode"]["remat"] == "auto" and summary["ode"]["remat_per_block"] == {"layer1_1": "none"}
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]

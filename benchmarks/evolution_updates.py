@@ -31,7 +31,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # the model stays float32 (its params' dtype); w(1)'s changes in float64
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import common  # noqa: E402

@@ -345,14 +345,16 @@ def format_evolution_table(results: Mapping[str, Mapping[str, Optional[dict]]], 
     lines = ["**Evolution study**: test accuracy (q: evolution operator, Eq. 2.3c; K: time kernel, Eq. 2.3d)", "", header,
              "|---|" + "---|---|---|" * len(models)]  # fmt: skip
     learned = []
+    baseline = {}
+    for model in models:
+        base = results.get(model, {}).get("baseline")
+        baseline[model] = None if base is None else accuracy_stats(base, f"{model}/baseline/{SUMMARY_FILE}")
     for row in EVOLUTION_ROWS:
         cells = []
         for model in models:
             s = results.get(model, {}).get(row)
-            base = results.get(model, {}).get("baseline")
             stats = None if s is None else accuracy_stats(s, f"{model}/{row}/{SUMMARY_FILE}")
-            base_stats = None if base is None else accuracy_stats(base, f"{model}/baseline/{SUMMARY_FILE}")
-            diff = _diff(stats, base_stats)
+            diff = _diff(stats, baseline[model])
             o = stats or (None, None, None)
             cells += [f"{_pct(o[0])} / {_pct(o[1])}", _pct(o[2]), "" if row == "baseline" else _pct(diff and diff[2], signed=True)]
             evo = (s or {}).get("evolution")

@@ -24,6 +24,7 @@ from anodev2_jax.time_kernels import check_time_kernel
 __all__ = [
     "SCHEDULES",
     "trajectory_indices",
+    "leaf_trajectory",
     "BlockSpec",
     "make_spec",
     "is_evolution_leaf",
@@ -148,6 +149,14 @@ def split_tree(theta0: PyTree, evolution: PyTree, *, dt: float = 1.0):
     return flat_theta, flat_evo, treedef
 
 
+def leaf_trajectory(w, c, *, num_steps: int, dt: float, nonlinearity=None):
+    """``[W_0, ..., W_M]`` stacked on a new leading axis for one evolved leaf: Eq. B.4 for ``RDACoeffs``
+    (with ``nonlinearity``), the operator's own ``step`` otherwise (Eq. 2.3c)."""
+    if isinstance(c, RDACoeffs):
+        return evolve_weights(w, c, num_steps=num_steps, dt=dt, nonlinearity=nonlinearity, trajectory=True)
+    return evolve(c, w, num_steps=num_steps, dt=dt, trajectory=True)
+
+
 def weight_trajectories(flat_theta, flat_evolution, spec: BlockSpec):
     """Per-leaf weight trajectories ``[W_0, ..., W_M]`` (lists, ``M = spec.num_rda_steps``) for evolved leaves, None for static."""
     dt = 1.0 / spec.steps_w
@@ -155,14 +164,9 @@ def weight_trajectories(flat_theta, flat_evolution, spec: BlockSpec):
     for w, c in zip(flat_theta, flat_evolution):
         if c is None:
             out.append(None)
-        elif not isinstance(c, RDACoeffs):  # an evolution operator: Eq. 2.3c by its own step
-            traj = evolve(c, w, num_steps=spec.num_rda_steps, dt=dt, trajectory=True)
-            out.append([traj[m] for m in range(spec.num_rda_steps + 1)])
-        else:
-            traj = evolve_weights(
-                w, c, num_steps=spec.num_rda_steps, dt=dt, nonlinearity=spec.nonlinearity, trajectory=True
-            )
-            out.append([traj[m] for m in range(spec.num_rda_steps + 1)])
+            continue
+        traj = leaf_trajectory(w, c, num_steps=spec.num_rda_steps, dt=dt, nonlinearity=spec.nonlinearity)
+        out.append([traj[m] for m in range(spec.num_rda_steps + 1)])
     return out
 
 

@@ -251,9 +251,8 @@ def kernel_trajectory(module: Mapping[str, Any], config, seed_index: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from anodev2_jax.evolution import evolve
     from anodev2_jax.layers import conv_evolution
-    from anodev2_jax.rda import RDACoeffs, evolve_weights
+    from anodev2_jax.trajectory import leaf_trajectory
 
     parts = {k: np.asarray(module[k]) for k in ["kernel", *_evolution_names(module)]}
     if parts["kernel"].ndim == 5:
@@ -266,11 +265,7 @@ def kernel_trajectory(module: Mapping[str, Any], config, seed_index: int = 0):
     dtype = parts["kernel"].dtype
     w0 = jnp.asarray(parts["kernel"])
     op = conv_evolution({k: jnp.asarray(a, dtype) for k, a in parts.items()}, _module_config(module, config))
-    dt = 1.0 / config.steps_w
-    if isinstance(op, RDACoeffs):
-        traj = evolve_weights(w0, op, num_steps=config.steps_w, dt=dt, nonlinearity=config.sigma, trajectory=True)
-    else:
-        traj = evolve(op, w0, num_steps=config.steps_w, dt=dt, trajectory=True)
+    traj = leaf_trajectory(w0, op, num_steps=config.steps_w, dt=1.0 / config.steps_w, nonlinearity=config.sigma)
     return np.asarray(traj), jax.tree.map(np.asarray, op)
 
 

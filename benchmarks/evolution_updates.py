@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import common  # noqa: E402
-from anodev2_jax import data, evolution, layers, models, rda  # noqa: E402
+from anodev2_jax import data, layers, models, trajectory  # noqa: E402
 from anodev2_jax.methods import resolve_config  # noqa: E402
 
 # (label, ODE knobs, learning-rate scale of the evolution params)
@@ -62,10 +62,8 @@ def batch(path: str | None, n: int, seed: int = 0):
 def end_kernel(module: dict, cfg) -> jax.Array:
     """``w(1)`` of one conv from its params (differentiable in the kernel and the evolution params)."""
     op = layers.conv_evolution(module, cfg)
-    dt = 1.0 / cfg.steps_w
-    if isinstance(op, rda.RDACoeffs):
-        return rda.evolve_weights(module["kernel"], op, num_steps=cfg.steps_w, dt=dt, nonlinearity=cfg.sigma)
-    return evolution.evolve(op, module["kernel"], num_steps=cfg.steps_w, dt=dt)
+    traj = trajectory.leaf_trajectory(module["kernel"], op, num_steps=cfg.steps_w, dt=1.0 / cfg.steps_w, nonlinearity=cfg.sigma)
+    return traj[-1]
 
 
 def measure(label: str, knobs: dict, scale: float, x, y, lr: float) -> list[list[str]]:

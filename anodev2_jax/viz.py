@@ -354,7 +354,7 @@ def kernels_figure(
     seed_index: int = 0,
     title: str = "",
 ):
-    """Figures 1/4/5: input channel 0 of the first evolved kernel at every step of its RDA trajectory.
+    """Figures 1/4/5: input channel 0 of the first evolved kernel at every step of its weight trajectory (any operator q).
 
     Args:
       params: a model's params tree (see :func:`find_evolved_kernels`).
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gaussian", help="Figure 3: a unit Gaussian under diffusion / advection / reaction / all")
     g.add_argument("--out", default="docs/figure3_gaussian.png")
     g.add_argument("--times", type=float, nargs="+", default=list(GAUSSIAN_TIMES), help="equally spaced, from 0")
-    k = sub.add_parser("kernels", help="Figures 1/4/5: the first evolved kernel over its RDA trajectory")
+    k = sub.add_parser("kernels", help="Figures 1/4/5: the first evolved kernel over its weight trajectory (any operator q)")
     k.add_argument("--workdir", default=None, help="training run directory (latest orbax checkpoint)")
     k.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     k.add_argument("--seed-index", type=int, default=0, help="replica of a multi-seed checkpoint (default 0)")

@@ -25,14 +25,17 @@ shows the traceback instead):
   the step and the last good checkpoint, left intact.
 * 4: writing the run directory failed (disk full, quota); earlier checkpoints are intact.
 * 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint of the current
-  step (or, after the last step, once the run finished); rerun the same command to
-  resume. A second signal ends the run at once without saving (also 130 / 143).
+  step (or, after the last step, once the run finished); the line prints the exact command
+  that resumes the run (this command with ``--workdir`` set to the run directory: a default
+  workdir carries the start time, so the bare command would start a new run). A second
+  signal ends the run at once without saving (also 130 / 143).
 """
 
 import contextlib
 import inspect
 import logging as std_logging
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -142,6 +145,24 @@ def _quiet_checkpoint_errors() -> None:
     sys.unraisablehook = hook
 
 
+def resume_command(argv: list[str], workdir: str) -> str:
+    """This command line with ``--workdir=<workdir>`` (any ``--workdir`` given replaced): what resumes the run.
+
+    Quoted for a POSIX shell (``shlex.join``); the interpreter is named by its file name
+    (``python`` in a virtual environment), the script and the other flags as given.
+    """
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--workdir", "-workdir"):
+            skip = True  # its value is the next argument
+        elif not arg.startswith(("--workdir=", "-workdir=")):
+            args.append(arg)
+    python = os.path.basename(sys.executable) or "python"
+    return shlex.join([python, argv[0], *args, f"--workdir={workdir}"])
+
+
 def _stopped(signum, frame):
     """A stop signal where the run has no handler of its own (start-up, or on the way out after a stop): end at once.
 
@@ -171,9 +192,11 @@ def main(argv):
     config = FLAGS.config
     if config.get("distributed") is True and FLAGS.workdir is None:
         _fail("config.distributed=True needs an explicit --workdir (each host would time-stamp its own default)")
+    command = None
     try:
         workdir = FLAGS.workdir if FLAGS.workdir is not None else training.default_workdir(config)
-        training.train_and_evaluate(config, workdir)  # an empty --workdir= is a ConfigError there
+        command = resume_command(sys.argv, workdir) if workdir.strip() else None
+        training.train_and_evaluate(config, workdir, resume_command=command)  # an empty --workdir= is a ConfigError there
     except (training.ConfigError, data.DataError) as e:
         if FLAGS.verbose:
             raise
@@ -191,7 +214,8 @@ def main(argv):
     except KeyboardInterrupt:  # a KeyboardInterrupt raised by other code (SIGINT itself is handled above)
         if FLAGS.verbose:
             raise
-        _fail("interrupted: stopped without saving; rerun the same command to resume from the last checkpoint", 130)
+        how = f"resume with {command}" if command else "rerun the same command to resume"
+        _fail(f"interrupted: stopped without saving; {how} from the last checkpoint", 130)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ __all__ = [
     "Preempted",
     "WriteError",
     "os_error_text",
+    "resume_text",
 ]
 
 
@@ -64,6 +65,11 @@ class WorkdirMismatch(ConfigError):
         )
 
 
+def resume_text(command: Optional[str]) -> str:
+    """How a stopped run is continued: the exact command when known, else "rerun the same command"."""
+    return f"resume with: {command}" if command else "rerun the same command to resume"
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun to resume.
 
@@ -75,24 +81,36 @@ class Preempted(Exception):
       step: the global step saved.
       checkpoint: the checkpoint directory written (``workdir/checkpoints/<step>``).
       finished: whether the run had finished (the signal came after its last step).
+      resume_command: the exact command that continues the run (``train.py`` passes it, with
+        ``--workdir``, so a run in a time-stamped default workdir is resumed, not restarted);
+        None: the message says "rerun the same command". The message is built from it.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, steps_per_epoch: int, finished: bool = False):
+    def __init__(
+        self, signum: int, step: int, checkpoint: Path, steps_per_epoch: int, finished: bool = False,
+        resume_command: Optional[str] = None,
+    ):
         self.signum, self.step, self.checkpoint, self.finished = int(signum), int(step), checkpoint, finished
-        epoch, i = divmod(self.step, steps_per_epoch)
-        where = f"end of epoch {epoch}" if i == 0 else f"step {i}/{steps_per_epoch} of epoch {epoch + 1}"
+        self.steps_per_epoch, self.resume_command = steps_per_epoch, resume_command
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        epoch, i = divmod(self.step, self.steps_per_epoch)
+        where = f"end of epoch {epoch}" if i == 0 else f"step {i}/{self.steps_per_epoch} of epoch {epoch + 1}"
         name = signal.Signals(self.signum).name
-        if finished:
-            message = (
+        if self.finished:
+            again = f"running {self.resume_command}" if self.resume_command else "rerunning the same command"
+            return (
                 f"received {name} after the last step ({self.step}, {where}): the run finished anyway (checkpoint "
-                f"{checkpoint} and summary.json written); rerunning the same command says so and changes nothing"
+                f"{self.checkpoint} and summary.json written); {again} says so and changes nothing"
             )
-        else:
-            message = (
-                f"received {name} at step {self.step} ({where}): saved checkpoint {checkpoint}; rerun the same "
-                "command to resume"
-            )
-        super().__init__(message)
+        return (
+            f"received {name} at step {self.step} ({where}): saved checkpoint {self.checkpoint}; "
+            f"{resume_text(self.resume_command)}"
+        )
+
+    def __str__(self) -> str:
+        return self.message()
 
 
 class NonFiniteError(RuntimeError):
@@ -119,19 +137,30 @@ class NonFiniteError(RuntimeError):
 
 
 class WriteError(RuntimeError):
-    """Writing the run directory failed (disk full, quota, permissions); earlier checkpoints are intact."""
+    """Writing the run directory failed (disk full, quota, permissions); earlier checkpoints are intact.
 
-    def __init__(self, what: str, cause: BaseException, last_checkpoint: Optional[Path]):
-        self.cause = cause
+    ``resume_command`` (settable; ``train.py`` sets it) is the exact command that resumes the
+    run, named in the message instead of "the same command".
+    """
+
+    def __init__(self, what: str, cause: BaseException, last_checkpoint: Optional[Path], resume_command: Optional[str] = None):
+        self.what, self.cause, self.last_checkpoint, self.resume_command = what, cause, last_checkpoint, resume_command
+        super().__init__(self.message())
+
+    def message(self) -> str:
         resume = (
-            f"it resumes from the last complete checkpoint {last_checkpoint}"
-            if last_checkpoint is not None
+            f"it resumes from the last complete checkpoint {self.last_checkpoint}"
+            if self.last_checkpoint is not None
             else "it starts over (no complete checkpoint yet)"
         )
-        super().__init__(
-            f"writing {what} failed: {os_error_text(cause)}; free disk space or fix the permissions there, then "
-            f"rerun the same command: {resume}"
+        again = f"run {self.resume_command}" if self.resume_command else "rerun the same command"
+        return (
+            f"writing {self.what} failed: {os_error_text(self.cause)}; free disk space or fix the permissions there, "
+            f"then {again}: {resume}"
         )
+
+    def __str__(self) -> str:
+        return self.message()
 
 
 def os_error_text(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import tqdm
 
 from anodev2_jax import checkpoints, run_config
 from anodev2_jax.errors import ConfigError, WorkdirInUse, WorkdirMismatch
@@ -46,6 +48,7 @@ __all__ = [
     "json_number",
     "MetricsLogger",
     "Progress",
+    "duration",
     "say",
 ]
 
@@ -422,23 +425,71 @@ def _silence(stream) -> None:
         stream.flush()
 
 
+def duration(seconds: float) -> str:
+    """``"1:02:03"`` (hours:minutes:seconds), ``"2d 3:04:05"`` past a day: an ETA a person can plan by."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 class Progress:
-    """One line per epoch: rewritten in place on a terminal, printed once otherwise (a closed stream is silenced)."""
+    """The run's progress for a person: a tqdm bar per epoch on a terminal, one line per epoch otherwise.
+
+    On a terminal, :meth:`start` opens a bar over the epoch's steps (tqdm shows the epoch's
+    rate and ETA) and :meth:`update` moves it, with the loss, accuracy, images/s and the
+    run's ETA after it; :meth:`done` clears the bar and prints the epoch's line. When the
+    stream is not a terminal (a log file, a pipe) only :meth:`done`'s line is written, one
+    per epoch: nothing per step reaches a file. A closed stream is silenced (:func:`say`).
+    """
 
     def __init__(self, enabled: bool, stream=None):
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None
 
-    def update(self, text: str) -> None:
-        if self.tty:
-            try:
-                self.stream.write("\r\033[K" + text)
-                self.stream.flush()
-            except OSError:
-                _silence(self.stream)
-                self.tty = False
+    def start(self, description: str, total: int, initial: int = 0) -> None:
+        """A new bar of ``total`` steps (``initial`` done before a resume); terminal only."""
+        if not self.tty:
+            return
+        self._close()
+        try:
+            # the terminal's size now (80 x 24 where it reports none, as a pty without a size
+            # does: tqdm would draw nothing there)
+            size = shutil.get_terminal_size()
+            self.bar = tqdm.tqdm(
+                total=total, initial=initial, desc=description, unit="step", file=self.stream, leave=False,
+                ncols=size.columns, nrows=size.lines, mininterval=0, smoothing=0.1,
+            )
+        except OSError:
+            self._lost()
+
+    def update(self, done: int, text: str) -> None:
+        """The bar at ``done`` steps of the epoch, ``text`` after it."""
+        if self.bar is None:
+            return
+        try:
+            self.bar.n = done
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.refresh()
+        except OSError:
+            self._lost()
 
     def done(self, text: str) -> None:
+        """The epoch's line (the bar, if any, cleared first)."""
+        self._close()
         if self.enabled:
-            say(("\r\033[K" if self.tty else "") + text, self.stream)
+            say(text, self.stream)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            bar, self.bar = self.bar, None
+            try:
+                bar.close()
+            except OSError:
+                self._lost()
+
+    def _lost(self) -> None:  # the terminal went away: no more bars, the lines go to /dev/null
+        self.bar, self.tty = None, False
+        _silence(self.stream)

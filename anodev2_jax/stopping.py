@@ -60,7 +60,9 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, resume_command: Optional[str] = None):
+        """``resume_command``: the exact command that resumes the run, named by the second signal's line."""
+        self.resume_command = resume_command
         self.signum: Optional[int] = None
         self.armed = False
         self._seen = 0  # stop signals the watcher has counted
@@ -116,7 +118,7 @@ class StopSignals:
                 if not self.armed:
                     _end_now(signum, _BEFORE_ARMED)
                 if self._seen >= 2:
-                    _end_now(signum, _AGAIN)
+                    _end_now(signum, _again(self.resume_command))
 
     def requested(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (called by every process after every call)."""
@@ -132,10 +134,11 @@ class StopSignals:
 
 
 _BEFORE_ARMED = "before this run wrote anything: nothing to save; rerun the same command to run it"
-_AGAIN = (
-    "again: stopped at once without saving (a checkpoint in flight is abandoned); rerun the same command to resume "
-    "from the last complete checkpoint"
-)
+
+
+def _again(resume_command: Optional[str]) -> str:
+    how = f"resume with {resume_command}" if resume_command else "rerun the same command to resume"
+    return f"again: stopped at once without saving (a checkpoint in flight is abandoned); {how} from the last complete checkpoint"
 
 
 def _end_now(signum: int, why: str) -> None:

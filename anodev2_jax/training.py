@@ -317,6 +317,7 @@ class Trainer:
         self.flags = stopping.FiniteFlags(config.nonfinite, plan.seeds, plan.steps_per_epoch)
         self.progress = rundir.Progress(plan.is_main)
         self.progress_every = max(1, plan.steps_per_epoch // 50)  # each update syncs with the device
+        self.rate_mark: Optional[tuple[float, int]] = None  # (time, step) after the session's first call: the ETA's origin
         self.images_per_step = len(plan.seeds) * plan.batch_size
         self.train_time, self.train_images = 0.0, 0  # for images_per_s, without each session's first call
         self.last_train = {"train_loss": None, "train_accuracy": None}
@@ -377,6 +378,7 @@ class Trainer:
         self.step_mark = self.step
         first_call_done = None
         self.engine.begin_epoch(epoch)  # the epoch's index array, placed explicitly
+        self.progress.start(f"epoch {epoch + 1}/{plan.config.num_epochs}", plan.steps_per_epoch, first)
         i = first
         for n in engine.call_lengths(first, plan.steps_per_epoch, plan.steps_per_call):
             with jax.transfer_guard(EPOCH_TRANSFER_GUARD):
@@ -386,11 +388,12 @@ class Trainer:
                 if first_call_done is None and epoch == self.start_epoch:
                     jax.block_until_ready(metrics)
                     first_call_done = (time.perf_counter(), n)
+                    self.rate_mark = (first_call_done[0], self.step)
                 show = self.progress.tty and (i // self.progress_every > (i - n) // self.progress_every or i == plan.steps_per_epoch)
                 if show or (every and self.step // every > (self.step - n) // every):
                     self.fold(epoch)
                 if show:
-                    self.show_progress(epoch, i, first, t_epoch)
+                    self.show_progress(i)
             # Asked after every call (a collective sync point with several processes); acted on
             # here mid-epoch, and after the epoch's record and checkpoint at its end.
             if stop.requested(self.step) and i < plan.steps_per_epoch:
@@ -429,14 +432,29 @@ class Trainer:
                     self.log_window(epoch, t, done)
         self.t_mark, self.step_mark = t_now, step_now
 
-    def show_progress(self, epoch: int, i: int, first: int, t_epoch: float) -> None:
-        """The terminal's progress line (after a fold: at call boundaries)."""
+    def show_progress(self, i: int) -> None:
+        """The terminal's progress bar (after a fold: at call boundaries): the run's ETA and the epoch's numbers.
+
+        tqdm itself shows the epoch's steps, rate and ETA; the run's ETA comes first after
+        it so that a narrow terminal cuts the loss, not the ETA.
+        """
         loss, accuracy = (float(np.mean(self.tally[f"epoch_{k}"])) / i for k in ("loss", "accuracy"))
-        speed = (i - first) * self.images_per_step / max(time.perf_counter() - t_epoch, 1e-9)
-        self.progress.update(
-            f"epoch {epoch + 1}/{self.plan.config.num_epochs} step {i}/{self.plan.steps_per_epoch} "
-            f"loss {loss:.4f} acc {accuracy:.4f} {speed:.0f} img/s"
-        )
+        eta = self.eta_s()
+        run = "" if eta is None else f"run ETA {rundir.duration(eta)}, "
+        self.progress.update(i, f"{run}loss {loss:.4f} acc {accuracy:.4f}")
+
+    def eta_s(self) -> Optional[float]:
+        """Seconds until the run's last step, at this session's measured pace (None before it is measured).
+
+        The pace is wall time per step since the session's first call (which compiles, so it is
+        left out), evaluations and checkpoints between epochs included: what the rest of the
+        run will also spend.
+        """
+        if self.rate_mark is None or self.step <= self.rate_mark[1]:
+            return None
+        t0, step0 = self.rate_mark
+        per_step = (time.perf_counter() - t0) / (self.step - step0)
+        return per_step * (self.plan.final_step - self.step)
 
     def log_window(self, epoch: int, step: int, t_done: float) -> None:
         """The ``"step"`` record of the ``log_every_steps`` steps up to global ``step`` (done at ``t_done``); resets the window."""
@@ -487,7 +505,11 @@ class Trainer:
         text = f"epoch {done}/{config.num_epochs} loss {train['train_loss'].mean():.4f} acc {train['train_accuracy'].mean():.4f}"
         if "test_accuracy" in per_seed:
             text += f" test_loss {per_seed['test_loss'].mean():.4f} test_acc {per_seed['test_accuracy'].mean():.4f}"
-        self.progress.done(text + f" lr {lr:.4g} {ips:.0f} img/s {epoch_time:.1f}s")
+        text += f" lr {lr:.4g} {ips:.0f} img/s {epoch_time:.1f}s"
+        eta, left = self.eta_s(), config.num_epochs - done
+        if left and eta is not None:  # a person plans by this line; a log file gets one per epoch
+            text += f", ETA {rundir.duration(eta)} ({left} epoch{'s' if left > 1 else ''} left)"
+        self.progress.done(text)
         boundary = {**zero_loop(len(plan.seeds)), "skipped": self.tally["skipped"]}  # the next epoch starts from zero
         if done % config.checkpoint_every_epochs == 0 or done == config.num_epochs:
             self.save(boundary)
@@ -543,7 +565,7 @@ def _remat_plan(plan: Plan) -> dict[str, str]:
     return models.remat_plan(plan.model, (plan.batch_size, *plan.ds.x_train.shape[1:]))
 
 
-def _print_header(plan: Plan, trainer: Trainer) -> None:
+def _print_header(plan: Plan, trainer: Trainer, resume_command: Optional[str] = None) -> None:
     config, resumed = plan.config, ""
     if trainer.start_step == plan.final_step:
         rundir.say(
@@ -585,6 +607,8 @@ def _print_header(plan: Plan, trainer: Trainer) -> None:
             f"evolution q = {q}, time kernel K = {ode_config.time_kernel}, "
             f"evolution_lr_scale {config.get('evolution_lr_scale', 1.0):g}"
         )
+    if resume_command and trainer.start_step < plan.final_step:
+        rundir.say(f"if stopped, resume with: {resume_command}")
 
 
 # Beyond this many ODE steps the header warns that compiling takes minutes (run_config.MAX_ODE_STEPS).
@@ -601,7 +625,9 @@ def _print_finished(plan: Plan) -> None:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume_command: Optional[str] = None
+) -> dict[str, Any]:
     """Trains ``config.num_seeds`` replicas, evaluates them, and writes the run directory.
 
     Args:
@@ -609,6 +635,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       workdir: run directory; created if new, resumed from its latest usable checkpoint if
         it holds a run of a compatible config (:data:`RESUMABLE_FIELDS` may differ); a
         finished run of this config is left as it is.
+      resume_command: the exact command that resumes this run (``train.py`` passes its own
+        command line with ``--workdir``): printed in the header and named by the stop and
+        write-failure messages (:class:`Preempted`, :class:`WriteError`, a second signal).
+        None: they say "rerun the same command", which is right when ``workdir`` is fixed.
 
     Returns:
       The summary written to ``workdir/summary.json``: ``test_accuracy`` and ``test_loss``
@@ -631,14 +661,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed(config)
     sharding.check_backend()  # before StopSignals asks JAX for the process count
-    with stopping.StopSignals() as stop:  # until the lock, a signal ends the process at once: nothing is written yet
+    with stopping.StopSignals(resume_command) as stop:  # until the lock, a signal ends the process at once: nothing is written yet
         plan = prepare(config, workdir)  # writes nothing
         if plan.finished is None:
             lock, plan = _lock(plan, config)
             try:
                 if plan.finished is None:
                     stop.arm()  # from here on a signal saves a checkpoint and stops
-                    return _run(plan, stop, t_start)
+                    return _run(plan, stop, t_start, resume_command)
+            except (Preempted, WriteError) as e:  # the message names the command that resumes
+                e.resume_command = resume_command
+                raise
             finally:
                 lock.release()
         if plan.is_main:
@@ -670,7 +703,7 @@ def _lock(plan: Plan, config: ml_collections.ConfigDict) -> tuple[rundir.RunLock
     return lock, plan
 
 
-def _run(plan: Plan, stop: stopping.StopSignals, t_start: float) -> dict[str, Any]:
+def _run(plan: Plan, stop: stopping.StopSignals, t_start: float, resume_command: Optional[str] = None) -> dict[str, Any]:
     """Opens the run directory and trains the epochs left, then evaluates and writes the summary (lock held)."""
     ckpt = open_run_directory(plan)
     logger = None
@@ -679,7 +712,7 @@ def _run(plan: Plan, stop: stopping.StopSignals, t_start: float) -> dict[str, An
             logger = rundir.MetricsLogger(plan.workdir, plan.seeds, plan.metrics, plan.is_main)
         trainer = Trainer(plan, ckpt, logger)
         if plan.is_main:
-            _print_header(plan, trainer)
+            _print_header(plan, trainer, resume_command)
         for epoch in range(trainer.start_epoch, plan.config.num_epochs):
             trainer.train_epoch(epoch, stop)
         trainer.final_test()

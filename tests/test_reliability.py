@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,11 @@ def start(workdir: Path, cache: Path, max_file_bytes=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def resume(workdir: Path) -> str:
+    """What train.py names as the command that resumes a run of ``start(workdir, ...)``."""
+    return shlex.join([os.path.basename(sys.executable), str(REPO / "train.py"), *ARGS, f"--workdir={workdir}"])
 
 
 def finish(proc: subprocess.Popen, timeout=300) -> tuple[str, str]:
@@ -198,8 +204,7 @@ def test_killed_stopped_and_failed_run_resumes_to_the_uninterrupted_result(tmp_p
     out, err = finish(run)
     assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert err.strip() == (
-        f"received SIGTERM at step 5 (step 1/4 of epoch 2): saved checkpoint {ckpt / '5'}; "
-        "rerun the same command to resume"
+        f"received SIGTERM at step 5 (step 1/4 of epoch 2): saved checkpoint {ckpt / '5'}; resume with: {resume(work)}"
     )
     assert complete_checkpoints(work) == [4, 5]
 
@@ -224,7 +229,7 @@ def test_killed_stopped_and_failed_run_resumes_to_the_uninterrupted_result(tmp_p
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(f"error: writing a checkpoint in {ckpt} failed: File too large (EFBIG)"), lines[0]
-    assert f"rerun the same command: it resumes from the last complete checkpoint {ckpt / str(last)}" in lines[0]
+    assert f"then run {resume(work)}: it resumes from the last complete checkpoint {ckpt / str(last)}" in lines[0]
     assert {s: tree_hash(ckpt / str(s)) for s in complete_checkpoints(work)} == before
 
     # 5. The same command once more finishes the run.
@@ -309,6 +314,7 @@ def test_ctrl_c_twice_ends_at_once_and_a_signal_after_the_last_step_lets_the_run
     work = tmp_path / "run"
     run = start(work, cache)
     assert run.stdout.readline().startswith("resnet4 baseline")
+    assert run.stdout.readline() == f"if stopped, resume with: {resume(work)}\n"
     assert run.stdout.readline().startswith("epoch 1/3")
     run.send_signal(signal.SIGINT)
     time.sleep(0.03)
@@ -317,10 +323,10 @@ def test_ctrl_c_twice_ends_at_once_and_a_signal_after_the_last_step_lets_the_run
     lines = err.strip().splitlines()
     assert run.returncode == 130, err[-3000:]
     again = (
-        "received SIGINT again: stopped at once without saving (a checkpoint in flight is abandoned); rerun the "
-        "same command to resume from the last complete checkpoint"
+        "received SIGINT again: stopped at once without saving (a checkpoint in flight is abandoned); resume with "
+        f"{resume(work)} from the last complete checkpoint"
     )
-    saved = r"received SIGINT at step \d+ \(.*\): saved checkpoint .*; rerun the same command to resume"
+    saved = rf"received SIGINT at step \d+ \(.*\): saved checkpoint .*; resume with: {re.escape(resume(work))}"
     assert lines[0] == again or re.fullmatch(saved, lines[0]), err  # the latter: the save was done in < 30 ms
     assert len(lines) <= 2 and "Traceback" not in err
 
@@ -335,7 +341,7 @@ def test_ctrl_c_twice_ends_at_once_and_a_signal_after_the_last_step_lets_the_run
     assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert err.strip() == (
         "received SIGTERM after the last step (12, end of epoch 3): the run finished anyway (checkpoint "
-        f"{work / 'checkpoints' / '12'} and summary.json written); rerunning the same command says so and changes nothing"
+        f"{work / 'checkpoints' / '12'} and summary.json written); running {resume(work)} says so and changes nothing"
     )
     assert "test accuracy over 1 seed(s)" in out and not partial_checkpoints(work)
     assert_same_run(work, reference.done())

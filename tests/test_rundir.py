@@ -5,6 +5,7 @@ second process: ``flock`` locks belong to open files, not processes); two real
 ``train.py`` processes on one workdir are in ``test_reliability.py``.
 """
 
+import io
 import json
 import os
 import socket
@@ -137,3 +138,35 @@ def test_a_closed_stdout_is_silenced_not_fatal():
     proc.stdin.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and err == "carried on\n", err  # no BrokenPipeError, at exit either
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_one_line_per_epoch_in_a_file(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # the bar is as wide as the terminal: wide enough for all of it
+    term = _Terminal()
+    progress = rundir.Progress(True, term)
+    progress.start("epoch 2/3", total=10, initial=4)  # resumed after 4 steps of the epoch
+    progress.update(7, "run ETA 0:01:05, loss 0.5000 acc 0.2500")
+    shown = term.getvalue()
+    assert "epoch 2/3" in shown and "7/10" in shown and "run ETA 0:01:05" in shown
+    progress.done("epoch 2/3 loss 0.5000")
+    assert term.getvalue().endswith("epoch 2/3 loss 0.5000\n")  # the bar cleared, the epoch's line kept
+
+    log = io.StringIO()  # not a terminal: only the epoch lines, nothing per step
+    progress = rundir.Progress(True, log)
+    progress.start("epoch 1/3", total=10)
+    for i in range(1, 11):
+        progress.update(i, f"step {i}")
+    progress.done("epoch 1/3 done")
+    assert log.getvalue() == "epoch 1/3 done\n"
+    quiet = io.StringIO()  # not process 0: nothing at all
+    rundir.Progress(False, quiet).done("epoch 1/3")
+    assert quiet.getvalue() == ""
+
+
+def test_durations_read_as_clock_times():
+    assert [rundir.duration(s) for s in (0, 59.6, 3723, 90061)] == ["0:00:00", "0:01:00", "1:02:03", "1d 1:01:01"]

@@ -11,6 +11,7 @@ signals, concurrent runs, corrupt checkpoints and non-finite values are in
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -236,7 +237,7 @@ CASES = {
     ),
     "disk full": Case(  # config.json (~700 bytes) is the first write
         lambda tmp, run: [*SMOKE, f"--workdir={tmp / 'new'}"],
-        ["config.json failed: File too large", "free disk space", "rerun the same command"],
+        ["config.json failed: File too large", "free disk space", "then run python", "--workdir=", ": it starts over"],
         status=4, max_file_bytes=256,
     ),
 }
@@ -301,3 +302,48 @@ def test_smoke_run_end_to_end(tmp_path):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [24, 32]  # global steps
+
+
+def test_resume_command_replaces_any_workdir_and_quotes_for_the_shell():
+    import train  # the entry point's own helper (importing defines its absl flags once)
+
+    python = os.path.basename(sys.executable)
+    assert train.resume_command(["train.py", "--config", "configs/smoke.py"], "runs/a b") == (
+        f"{python} train.py --config configs/smoke.py '--workdir=runs/a b'"
+    )
+    assert train.resume_command(["t.py", "--workdir", "old", "--config.seed=3", "--workdir=older"], "new") == (
+        f"{python} t.py --config.seed=3 --workdir=new"
+    )
+
+
+def test_a_run_stopped_without_workdir_names_the_command_that_resumes_it(tmp_path):
+    """Ctrl-C / SIGTERM of a run in its default (time-stamped) workdir: the line printed names the
+    exact command, with --workdir; run as printed, it continues that run (no second run directory)."""
+    args = [
+        "--config", f"{REPO / 'configs' / 'smoke.py'}:baseline", "--config.num_train=32", "--config.num_test=16",
+        "--config.batch_size=16", "--config.num_epochs=2", "--config.log_every_steps=0",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    run = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run.stdout.readline().startswith("resnet4 baseline")
+        hint = run.stdout.readline()
+        assert hint.startswith("if stopped, resume with: "), hint
+        command = hint.split(": ", 1)[1].strip()
+        run.send_signal(signal.SIGTERM)  # armed once the header is out: the first step is saved
+        out, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().startswith("received SIGTERM at step ") and err.strip().endswith(f"; resume with: {command}"), err
+    argv = shlex.split(command)
+    assert argv[0] == os.path.basename(sys.executable) and argv[-1].startswith("--workdir=runs/resnet4-baseline-seed0-")
+    (workdir,) = (tmp_path / "runs").iterdir()
+    assert argv[-1] == f"--workdir=runs/{workdir.name}"
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(resumed from step " in resumed.stdout.splitlines()[0]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [workdir.name] and (workdir / "summary.json").is_file()

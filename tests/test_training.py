@@ -396,3 +396,12 @@ def test_four_devices_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK"), proc.stdout
+
+
+def test_each_epoch_line_gives_the_run_eta_and_nothing_per_step_reaches_a_file(tmp_path, capsys):
+    training.train_and_evaluate(tiny_config(num_epochs=3, log_every_steps=1), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"] and "\r" not in "".join(lines)
+    assert re.search(r", ETA \d+:\d\d:\d\d \(2 epochs left\)$", lines[0]), lines[0]
+    assert re.search(r", ETA \d+:\d\d:\d\d \(1 epoch left\)$", lines[1]), lines[1]
+    assert "ETA" not in lines[2]

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -658,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input; 3, 4, 130, 143 as train.py)."""
     args = build_parser().parse_args(argv)
+    # the sweep's own command line continues it: finished rows are skipped, a stopped one resumes
+    again = shlex.join([os.path.basename(sys.executable), "-m", "anodev2_jax.reproduce", *(sys.argv[1:] if argv is None else argv)])
     try:
         tables = parse_tables(args.table)
     except argparse.ArgumentTypeError as e:
@@ -716,7 +720,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"{tag}: done already ({workdir / SUMMARY_FILE}), skipped", flush=True)
                 else:
                     print(f"{tag}: training {config.num_seeds} seed(s) for {config.num_epochs} epoch(s) in {workdir}", flush=True)
-                    training.train_and_evaluate(config, workdir)
+                    training.train_and_evaluate(config, workdir, resume_command=again)
                 if "evolution" in tables and not (workdir / EVOLUTION_FILE).exists():
                     record = evolution_record(workdir, config)
                     if record is not None:
@@ -729,7 +733,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except training.Preempted as e:  # checkpoint saved: rerunning the sweep resumes this run, skips finished ones
-        print(f"{e} (rerun the same reproduce command to continue the sweep)", file=sys.stderr)
+        print(f"{e} (the same command continues the sweep: finished rows are skipped)", file=sys.stderr)
         return 128 + e.signum
     except (training.NonFiniteError, training.WriteError) as e:  # train.py's exit codes
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -64,12 +64,12 @@ def coupled_block(
     steps_w: Optional[int] = None,
     schedule: str = "aligned",
     nonlinearity: Optional[Callable] = jnp.tanh,
+    time_kernel=None,
     remat: str = "none",
     adjoint: str = "autodiff",
     solver: str = "euler",
     step_args: Optional[PyTree] = None,
     has_aux: bool = False,
-    time_kernel=None,
     coeffs: PyTree = _MISSING,
 ):
     """The ANODEV2 block: evolve the weights (Eq. 2.3c), weight them in time (Eq. 2.3d), solve the activation ODE (Eq. 2.3b).
@@ -136,6 +136,7 @@ def coupled_block(
             "None / RDACoeffs / evolution operators with theta0's structure"
         )
     spec = make_spec(steps_z, steps_w, schedule, nonlinearity, solver, has_aux)
+    ode.check_state(z0)
     ode.check_choice("remat", remat, ode.REMAT_MODES)
     ode.check_choice("adjoint", adjoint, ADJOINTS)
     # validate structure, coefficients, operators (by eval_shape) and the kernel before any compute
@@ -234,6 +235,7 @@ def coupled_odeint_diffrax(
     """
     import diffrax  # local import: only this function needs it
 
+    ode.check_state(z0)
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"coupled_odeint_diffrax: solver={solver!r} must be a diffrax solver instance, e.g. diffrax.Tsit5()")
     controller = diffrax.ConstantStepSize() if stepsize_controller is None else stepsize_controller

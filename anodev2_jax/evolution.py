@@ -25,6 +25,8 @@ from anodev2_jax.rda import (
     apply_matrix,
     apply_multiplier,
     check_coeffs,
+    check_kernel,
+    compute_dtype,
     generator_matrix,
     spectral_symbol,
     use_matrix,
@@ -57,29 +59,73 @@ def check_substeps(value, *, name: str = "substeps") -> None:
 
 
 def is_operator(x) -> bool:
-    """Whether ``x`` is an evolution operator: not a container, with a callable ``step``.
+    """Whether ``x`` is an evolution operator (the weight network q of Eq. 2.3c): anything with a callable ``step``.
 
-    Duck-typed on purpose: a user operator needs no base class (any pytree with ``step``,
-    e.g. an ``equinox.Module``; an optional ``check(w, *, name)`` validates it against its
-    kernel). The provided ones subclass :class:`AbstractEvolution`.
+    Duck-typed on purpose: a user operator needs no base class. Any pytree kind qualifies,
+    a ``typing.NamedTuple`` or a dataclass (``jax.tree_util.register_dataclass``,
+    ``flax.struct.dataclass``) with a ``step`` method, an ``equinox.Module``, a Flax NNX
+    ``nnx.Module`` (a JAX pytree since Flax 0.11; its ``nnx.Param`` values are the leaves).
+    The test is on the object itself, not on its container type: a plain tuple, list or
+    dict has no ``step`` and is a container of operators, while a NamedTuple subclass that
+    defines ``step`` is one operator (flattening stops at it, see
+    :func:`anodev2_jax.trajectory.is_evolution_leaf`). ``RDACoeffs`` (a NamedTuple without
+    ``step``) is not an operator: the trajectory module handles it (Eq. B.4). An optional
+    ``check(w, *, name)`` validates the operator against its kernel. The provided
+    operators subclass :class:`AbstractEvolution`.
+
+    Args:
+      x: any Python object.
+
+    Returns:
+      True when ``x`` is not None, not an ``RDACoeffs`` and ``x.step`` is callable.
+
+    Example:
+      >>> from typing import NamedTuple
+      >>> class Decay(NamedTuple):  # dw/dt = -a w, stepped exactly
+      ...     a: jax.Array
+      ...     def step(self, w, dt):
+      ...         return w * jnp.exp(-self.a * dt).astype(w.dtype)
+      >>> is_operator(Decay(jnp.asarray(0.5))), is_operator((1.0, 2.0)), is_operator({"w": None})
+      (True, False, False)
     """
-    if x is None or isinstance(x, (RDACoeffs, tuple, list, dict)):
+    if x is None or isinstance(x, RDACoeffs):
         return False
     return callable(getattr(x, "step", None))
 
 
 def check_operator(op, w, dt: float, *, name: str) -> None:
-    """Validate operator ``op`` against the kernel ``w`` it evolves, from shapes only (``jax.eval_shape``).
+    """Validate operator ``op`` against the kernel ``w`` it evolves, before any compute.
 
-    Runs ``op.check(w, name=name)`` when the operator has one, then checks that
-    ``op.step(w, dt)`` returns one array of ``w``'s shape and dtype. Raises ValueError /
-    TypeError naming ``name`` and the fix.
+    Checks the kernel (rank 2-4, non-empty spatial axes, floating point), that every
+    concrete floating-point leaf of ``op`` is finite (traced leaves, under ``jit``, are not
+    read: no cost in a jitted step), runs ``op.check(w, name=name)`` when the operator has
+    one, and checks from shapes only (``jax.eval_shape``) that ``op.step(w, dt)`` returns
+    one array of ``w``'s shape and dtype.
+
+    Args:
+      op: the operator (see :func:`is_operator`). w: its kernel ``(kh, kw[, cin, cout])``.
+      dt: the weight step length. name: how errors name the operator (e.g. ``evolution['w1']``).
+
+    Returns:
+      None; raises ValueError / TypeError naming ``name`` and the fix.
+
+    Example:
+      >>> check_operator(LinearEvolution.zeros((3, 3)), jnp.zeros((3, 3)), 0.5, name="evolution['w']")
     """
     if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
         raise ValueError(
             f"{name}: an evolution operator needs a kernel of rank 2-4 (kh, kw[, cin, cout]), got shape "
             f"{jnp.shape(w)}; give this leaf None to hold it static"
         )
+    check_kernel(w, name=f"{name}: the kernel")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(op)[0]:
+        if _is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            a = np.asarray(leaf)
+            if not np.all(np.isfinite(a)):
+                raise ValueError(
+                    f"{name}{jax.tree_util.keystr(path)} has a non-finite entry ({a[~np.isfinite(a)].flat[0]}): "
+                    "every parameter of an evolution operator must be finite"
+                )
     if callable(getattr(op, "check", None)):
         op.check(w, name=name)
     out = jax.eval_shape(lambda op, w: op.step(w, dt), op, w)
@@ -200,14 +246,17 @@ class RDAEquation(AbstractEvolution):
         return (lambda x, _: linear(x)) if sigma is None else (lambda x, _: sigma(linear(x)))
 
     def rhs(self, w):
-        """``sigma(L w)``: the right-hand side of Eq. 2.6."""
-        return self._field(w)(w, None)
+        """``sigma(L w)``: the right-hand side of Eq. 2.6 (``w``'s shape and dtype; half precision computes in float32)."""
+        x = w.astype(compute_dtype(w.dtype))
+        return self._field(x)(x, None).astype(w.dtype)
 
     def step(self, w, dt):
-        step = ode.make_step(self._field(w), "rk4", _step_length(dt, self.substeps, w.dtype), False)
+        """``substeps`` RK4 steps of length ``dt / substeps`` (float16 / bfloat16 kernels in float32, rounded back once)."""
+        x = w.astype(compute_dtype(w.dtype))  # a no-op for float32 / float64
+        step = ode.make_step(self._field(x), "rk4", _step_length(dt, self.substeps, x.dtype), False)
         for _ in range(self.substeps):
-            w, _ = step(w, None, None)
-        return w
+            x, _ = step(x, None, None)
+        return x.astype(w.dtype)
 
 
 @jax.custom_vjp
@@ -262,6 +311,8 @@ class LinearEvolution(AbstractEvolution):
             )
         if not jnp.issubdtype(g.dtype, jnp.floating):
             raise TypeError(f"LinearEvolution: generator must be real floating point, got dtype {g.dtype}")
+        if _is_concrete(g) and not np.all(np.isfinite(np.asarray(g))):
+            raise ValueError("LinearEvolution: generator has NaN or inf entries; every entry of G must be finite")
         self.generator = g
 
     @classmethod
@@ -286,12 +337,14 @@ class LinearEvolution(AbstractEvolution):
             )
 
     def rhs(self, w):
-        """``G w``."""
+        """``G w`` (``w``'s shape and dtype)."""
         return _spatial_matmul(self.generator.astype(w.dtype), w)
 
     def step(self, w, dt):
-        p = _expm(jnp.asarray(dt, w.dtype) * self.generator.astype(w.dtype))
-        return _spatial_matmul(p, w)
+        """``expm(dt G) w`` (float16 / bfloat16 kernels: the exponential and product in float32, rounded back)."""
+        cdt = compute_dtype(w.dtype)
+        p = _expm(jnp.asarray(dt, cdt) * self.generator.astype(cdt))
+        return _spatial_matmul(p, w.astype(cdt)).astype(w.dtype)
 
 
 class ODEEvolution(AbstractEvolution):

@@ -264,7 +264,7 @@ def block_time_kernel(module: nn.Module, cfg: ODEConfig):
     dtype = cfg.jnp_dtype
     if cfg.time_kernel == "exponential":
         log_rate = module.param("time_log_rate", nn.initializers.constant(math.log(EXP_RATE_INIT)), (), dtype)
-        return ExponentialKernel(jnp.exp(log_rate))
+        return ExponentialKernel.from_log_rate(log_rate)
     if cfg.time_kernel == "discrete":
         init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1)
         return DiscreteKernel(module.param("time_values", init, (cfg.steps_w + 1,), dtype))

@@ -37,6 +37,7 @@ __all__ = [
     "check_num_steps",
     "check_choice",
     "check_leading_axis",
+    "check_state",
     "make_step",
     "tree_slice",
     "apply_f",
@@ -115,10 +116,87 @@ def tree_slice(tree: PyTree, n: int) -> PyTree:
     return jax.tree_util.tree_map(lambda a: a[n], tree)
 
 
+def check_state(z0, name: str = "z0") -> None:
+    """Refuse a state that is not one floating-point (or complex) array: a solve of ``dz/dt = f`` needs real arithmetic.
+
+    Why refuse rather than promote: an integer ``z0`` would make every step round to an
+    integer (``z + h * dz`` cast back to ``z``'s dtype, ``axpy``), a silent wrong answer;
+    promoting it ourselves would pick a float width for the caller (under strict dtype
+    promotion a user asks for exactly that not to happen). Cast it: ``z0.astype(jnp.float32)``.
+
+    Args:
+      z0: the initial state.
+      name: how the error names it.
+
+    Returns:
+      None; raises TypeError naming the dtype and the cast that fixes it.
+
+    Example:
+      >>> check_state(jnp.ones(3))
+      >>> check_state(jnp.ones(3, jnp.int32))
+      Traceback (most recent call last):
+      TypeError: z0 has dtype int32: the ODE state must be floating point (an integer state rounds every step); pass z0.astype(jnp.float32)
+    """
+    if not hasattr(z0, "dtype") and not isinstance(z0, (int, float, complex)):
+        raise TypeError(
+            f"{name} is a {type(z0).__name__}: the ODE state must be one array (e.g. NHWC activations); "
+            "pass jnp.asarray(...) of a floating dtype"
+        )
+    dtype = jnp.result_type(z0)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{name} has dtype {dtype}: the ODE state must be floating point (an integer state rounds every step); "
+            f"pass {name}.astype(jnp.float32)"
+        )
+
+
+def _describe(x) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of length {len(x)}"
+    if hasattr(x, "shape"):
+        return f"an array of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
 def apply_f(f, z, theta, args, has_aux):
-    """``(dz, aux)`` of the ODE function: ``f(z, theta[, args])``; aux is None without ``has_aux``."""
+    """``(dz, aux)`` of the ODE function: ``f(z, theta[, args])``; aux is None without ``has_aux``.
+
+    Checks the output's structure at trace time (free under ``jit``): with ``has_aux`` it
+    must be a pair ``(dz, aux)``, without it one array, and ``dz`` must have ``z``'s shape.
+    Unpacking a plain array of leading size 2 as ``(dz, aux)`` would give a wrong result
+    without an error, as would broadcasting a ``dz`` of another shape into ``z``.
+
+    Args:
+      f: the ODE function. z: the state (an array). theta: the weights. args: the step's
+        ``step_args`` slice, or None (then ``f(z, theta)``). has_aux: ``f`` returns ``(dz, aux)``.
+
+    Returns:
+      ``(dz, aux)``; ``dz`` has ``z``'s shape.
+
+    Example:
+      >>> apply_f(lambda z, th: -th * z, jnp.ones(3), 2.0, None, False)[0].shape
+      (3,)
+    """
     out = f(z, theta) if args is None else f(z, theta, args)
-    return out if has_aux else (out, None)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"has_aux=True but f returned {_describe(out)}, not a pair (dz, aux); "
+                "return (dz, aux) from f, or pass has_aux=False"
+            )
+        dz, aux = out
+    else:
+        if isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"f returned {_describe(out)}, not one array dz; if it returns (dz, aux) pass has_aux=True"
+            )
+        dz, aux = out, None
+    if hasattr(z, "shape") and jnp.shape(dz) != jnp.shape(z):
+        raise ValueError(
+            f"f returned dz of shape {jnp.shape(dz)} for a state z of shape {jnp.shape(z)}; dz/dt = f(z, theta) "
+            "must have z's shape"
+        )
+    return dz, aux
 
 
 def axpy(h, k, z):
@@ -388,6 +466,7 @@ def odeint_fixed(
     check_num_steps("num_steps", num_steps)
     check_choice("solver", solver, SOLVERS)
     check_choice("remat", remat, REMAT_MODES)
+    check_state(z0)
     if per_step:
         check_leading_axis(theta, "theta (per_step=True)", num_steps)
     if step_args is not None:
@@ -565,6 +644,7 @@ def odeint_diffrax(
     check_num_steps("num_steps", num_steps)
     check_choice("solver", solver, SOLVERS)
     check_choice("adjoint", adjoint, ("backsolve", "checkpoint"))
+    check_state(z0)
     if step_args is not None:
         check_leading_axis(step_args, "step_args", num_steps)
         if solver != "euler":

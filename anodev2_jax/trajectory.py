@@ -18,7 +18,7 @@ import numpy as np
 
 from anodev2_jax import ode
 from anodev2_jax.evolution import check_operator, evolve, is_operator
-from anodev2_jax.rda import RDACoeffs, check_coeffs, evolve_weights
+from anodev2_jax.rda import RDACoeffs, check_coeffs, check_kernel, evolve_weights
 from anodev2_jax.time_kernels import check_time_kernel
 
 __all__ = [
@@ -138,6 +138,7 @@ def split_tree(theta0: PyTree, evolution: PyTree, *, dt: float = 1.0):
                     f"theta0{path} has RDACoeffs but shape {jnp.shape(w)}: only kernels of rank 2-4 "
                     "(kh, kw[, cin, cout]) can evolve; give it None in coeffs to hold it static"
                 )
+            check_kernel(w, name=f"theta0{path}")
             check_coeffs(c, w.shape, name=f"coeffs{path}")
         elif is_operator(c):
             check_operator(c, w, dt, name=f"evolution{path}")

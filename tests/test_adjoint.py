@@ -40,7 +40,8 @@ def adjoint_grads(z0, theta, coeffs, steps_z, steps_w, schedule, nonlinearity=jn
     kw = dict(steps_z=steps_z, steps_w=steps_w, schedule=schedule, nonlinearity=nonlinearity)
     z1 = coupled_block(small_conv_f, z0, theta, coeffs, **kw)
     z1_bar = jax.grad(objective)(z1)  # dJ/dz(1): the terminal condition of Eq. 2.5a
-    _, (z0_bar, theta_bar, coeffs_bar, _) = discrete_adjoint(small_conv_f, z0, theta, coeffs, z1_bar, **kw)
+    _, g = discrete_adjoint(small_conv_f, z0, theta, coeffs, z1_bar, order="inputs", **kw)
+    z0_bar, theta_bar, coeffs_bar = g.z0, g.theta0, g.evolution
     return z0_bar, theta_bar, coeffs_bar
 
 

@@ -41,7 +41,7 @@ as are ``u_m`` and the kernel weights.
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -319,6 +319,11 @@ class AdjointGradients(NamedTuple):
       time_kernel: the kernel's gradient (a pytree like the kernel, e.g. an
         ``ExponentialKernel`` holding ``dJ/dlog_rate``), None without a kernel.
       step_args: ``dJ/dstep_args`` (leading axis ``steps_z``), None without ``step_args``.
+
+    Example:
+      >>> g = AdjointGradients(z0=jnp.ones(2), theta0={}, evolution=None, time_kernel=None, step_args=None)
+      >>> g._fields, g.z0.shape
+      (('z0', 'theta0', 'evolution', 'time_kernel', 'step_args'), (2,))
     """
 
     z0: Any
@@ -341,8 +346,8 @@ def discrete_adjoint(
     steps_z: int,
     steps_w: Optional[int] = None,
     schedule: str = "aligned",
-    nonlinearity=jnp.tanh,
-    time_kernel=None,
+    nonlinearity: Optional[Callable] = jnp.tanh,
+    time_kernel: Optional[PyTree] = None,
     step_args: Optional[PyTree] = None,
     order: Optional[str] = None,
 ):

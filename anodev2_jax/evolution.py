@@ -1,10 +1,39 @@
 """Evolution operators: the weight network ``dw/dt = q(w; p)`` of Eq. 2.3c (RDA Eq. 2.6, linear, any q, MLP).
 
-An evolution operator is a JAX pytree whose array leaves are its learnable parameters
-``p``, with ``step(w, dt) -> w_next`` (one step on the weight grid, ``w``'s shape and
-dtype; ``dt`` a Python float) and, where it has one, ``rhs(w) -> dw/dt`` (for continuous
-solvers). ``RDACoeffs`` (Eq. B.4, a discrete map) is not one: :mod:`anodev2_jax.trajectory`
-handles it and keeps its analytic adjoint.
+The operator contract. An evolution operator is any JAX pytree with a callable
+``step(w, dt) -> w_next``: one step on the weight grid, returning one array of ``w``'s
+shape and dtype (``dt`` is a Python float, ``1 / steps_w`` in ``coupled_block``) and,
+where it has one, ``rhs(w) -> dw/dt`` (for ``coupled_odeint_diffrax``). Its floating-point
+leaves are its learnable parameters ``p`` and get gradients through both adjoints
+(``jax.grad`` and the hand-written Eq. 2.5 adjoint, which takes one ``jax.vjp`` of
+``step`` per weight step); anything that must stay static (a sub-step count, a function)
+must not be a leaf: a ``meta_fields`` entry of ``jax.tree_util.register_dataclass``,
+``eqx.field(static=True)``, ``flax.struct.field(pytree_node=False)``, a plain attribute of
+an ``nnx.Module`` (a NamedTuple has no static fields: every field is a leaf). Optional:
+``check(w, *, name)`` to validate the operator against its kernel before any compute.
+
+What counts: an object with a callable ``step``, whatever its pytree kind
+(:func:`is_operator`): a ``typing.NamedTuple`` or dataclass with a ``step`` method, an
+``eqx.Module``, a ``flax.struct.dataclass``, a Flax NNX ``nnx.Module`` (a JAX pytree since
+Flax 0.11, so it also works inside ``nnx.jit`` / ``nnx.grad``). A plain tuple, list or dict
+has no ``step``: it is a container of operators, matched against ``theta0``'s structure.
+``RDACoeffs`` (Eq. B.4, a discrete map, no ``step``) is not an operator:
+:mod:`anodev2_jax.trajectory` handles it and keeps its analytic adjoint.
+
+Example (a NamedTuple operator, ``dw/dt = -a w`` stepped exactly):
+
+    >>> from typing import NamedTuple
+    >>> from anodev2_jax import coupled_block
+    >>> class Decay(NamedTuple):
+    ...     a: jax.Array
+    ...     def step(self, w, dt):
+    ...         return w * jnp.exp(-self.a * dt).astype(w.dtype)
+    >>> f = lambda z, th: jnp.tanh(z @ th["w"][0, 0])
+    >>> theta0 = {"w": jnp.ones((3, 3, 4, 4)) / 4, "b": jnp.zeros(4)}
+    >>> evolution = {"w": Decay(jnp.asarray(0.5)), "b": None}  # the bias is held static
+    >>> loss = lambda evo: jnp.sum(coupled_block(f, jnp.ones((2, 4)), theta0, evo, steps_z=2, adjoint="discrete"))
+    >>> type(jax.grad(loss)(evolution)["w"]).__name__  # the gradient is a Decay holding dJ/da
+    'Decay'
 """
 
 from __future__ import annotations
@@ -53,7 +82,11 @@ def _is_concrete(x) -> bool:
 
 
 def check_substeps(value, *, name: str = "substeps") -> None:
-    """Raise a ValueError unless ``value`` is a Python int >= 1 (sub-steps per weight step)."""
+    """Raise a ValueError unless ``value`` is a Python int >= 1 (sub-steps per weight step).
+
+    Example:
+      >>> check_substeps(2)
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a Python int >= 1 (solver sub-steps per weight step)")
 
@@ -140,8 +173,17 @@ def check_operator(op, w, dt: float, *, name: str) -> None:
 def evolve(op, w0: Float[Array, "kh kw ..."], *, num_steps: int, dt: float, trajectory: bool = False):
     """``num_steps`` steps of ``op`` from ``w0`` (Eq. 2.3c on the grid ``tau_m = m dt``).
 
-    Returns the final kernel, or with ``trajectory=True`` all ``num_steps + 1`` kernels
-    stacked on a new leading axis (index 0 is ``w0`` itself).
+    Args:
+      op: an evolution operator. w0: kernel ``(kh, kw[, cin, cout])``.
+      num_steps: Python int >= 0. dt: step length. trajectory: return every step.
+
+    Returns:
+      The final kernel (``w0``'s shape and dtype), or with ``trajectory=True`` all
+      ``num_steps + 1`` kernels stacked on a new leading axis (index 0 is ``w0`` itself).
+
+    Example:
+      >>> evolve(LinearEvolution.zeros((3, 3)), jnp.ones((3, 3)), num_steps=2, dt=0.5, trajectory=True).shape
+      (3, 3, 3)
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps={num_steps!r} must be a non-negative Python int")
@@ -176,7 +218,18 @@ def _step_length(dt, substeps: int, dtype):
 
 
 class AbstractEvolution(eqx.Module):
-    """Base class of the provided operators (optional for user operators: see :func:`is_operator`)."""
+    """Base class of the provided operators (optional for user operators: see :func:`is_operator`).
+
+    An ``eqx.Module`` with an abstract ``step`` and a default ``check`` that checks nothing.
+
+    Example:
+      >>> class Scale(AbstractEvolution):  # dw/dt = c w, stepped exactly
+      ...     c: jax.Array
+      ...     def step(self, w, dt):
+      ...         return w * jnp.exp(self.c * dt).astype(w.dtype)
+      >>> is_operator(Scale(jnp.asarray(0.1)))
+      True
+    """
 
     @abc.abstractmethod
     def step(self, w, dt):
@@ -206,6 +259,14 @@ class RDAEquation(AbstractEvolution):
       sigma: elementwise nonlinearity with ``sigma(0) = 0`` (default tanh), or None for
         the linear equation ``dw/dt = L w``. Static.
       substeps: RK4 sub-steps per weight step (static int >= 1).
+
+    Concrete ``d``, ``v``, ``rho`` must be finite (and ``d >= 0``). float16 / bfloat16
+    kernels are stepped in float32 and rounded back once per step.
+
+    Example:
+      >>> op = RDAEquation(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0, substeps=2)
+      >>> op.step(jnp.ones((3, 3, 2, 4)), 0.2).shape
+      (3, 3, 2, 4)
     """
 
     d: Array
@@ -285,7 +346,7 @@ _expm.defvjp(_expm_fwd, _expm_bwd)
 
 
 class LinearEvolution(AbstractEvolution):
-    """A learnable linear weight ODE ``dw/dt = G w`` on each kernel slice's ``kh*kw`` spatial values.
+    """A learnable linear weight ODE ``dw/dt = G w`` (Eq. 2.3c with a linear q) on each kernel slice's ``kh*kw`` spatial values.
 
     ``w`` is flattened row-major over its two spatial axes (as
     :func:`anodev2_jax.rda.propagator_matrix`), so ``G`` acts on ``w.reshape(kh*kw, ...)``.
@@ -297,7 +358,12 @@ class LinearEvolution(AbstractEvolution):
 
     Attributes:
       generator: ``G``, shape ``(K, K)`` (one generator for every slice) or ``(cout, K, K)``
-        (one per output filter), ``K = kh * kw``; real floating point.
+        (one per output filter), ``K = kh * kw``; real floating point, finite where concrete.
+
+    Example:
+      >>> op = LinearEvolution(0.1 * jnp.eye(9))  # dw/dt = 0.1 w: every value grows by e^{0.1 dt}
+      >>> round(float(op.step(jnp.ones((3, 3)), 1.0)[0, 0]), 6)
+      1.105171
     """
 
     generator: Array
@@ -317,7 +383,12 @@ class LinearEvolution(AbstractEvolution):
 
     @classmethod
     def zeros(cls, kernel_shape: tuple[int, ...], *, per_filter: bool = False, dtype=jnp.float32) -> "LinearEvolution":
-        """``G = 0`` (no evolution) for kernels of ``kernel_shape``; ``per_filter`` gives one ``G`` per output filter."""
+        """``G = 0`` (no evolution) for kernels of ``kernel_shape``; ``per_filter`` gives one ``G`` per output filter.
+
+        Example:
+          >>> LinearEvolution.zeros((3, 3, 2, 4), per_filter=True).generator.shape
+          (4, 9, 9)
+        """
         k = int(kernel_shape[0]) * int(kernel_shape[1])
         shape = ((int(kernel_shape[-1]),) if per_filter else ()) + (k, k)
         return cls(jnp.zeros(shape, dtype))
@@ -359,6 +430,12 @@ class ODEEvolution(AbstractEvolution):
       q: ``q(w, params) -> dw/dt`` with ``w``'s shape (static: it must not close over traced
         values; pass everything learnable through ``params``).
       solver, substeps: static.
+
+    Example:
+      >>> q = lambda w, p: p["a"] * jnp.tanh(w)  # a learnable reaction
+      >>> op = ODEEvolution(q, {"a": jnp.asarray(-0.5)}, solver="rk4", substeps=2)
+      >>> op.step(jnp.ones((3, 3)), 0.25).shape, op.rhs(jnp.ones((3, 3))).shape
+      ((3, 3), (3, 3))
     """
 
     params: PyTree
@@ -394,6 +471,11 @@ class MLPField:
     ``x = w.reshape(K, -1)`` (one column per ``(cin, cout)`` slice, ``K = kh * kw``);
     ``q = W2^T activation(W1^T x + b1) + b2``, reshaped back. A frozen dataclass, so equal
     fields compare equal and jit caches hit across calls.
+
+    Example:
+      >>> params = {"w1": jnp.ones((9, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 9)), "b2": jnp.zeros(9)}
+      >>> MLPField()(jnp.ones((3, 3, 2, 4)), params).shape  # zero last layer: q = 0
+      (3, 3, 2, 4)
     """
 
     activation: Callable = jnp.tanh
@@ -433,6 +515,11 @@ def mlp_evolution(
 
     Returns:
       An ``ODEEvolution`` with ``params = {"w1": (K, hidden), "b1": (hidden,), "w2": (hidden, K), "b2": (K,)}``.
+
+    Example:
+      >>> op = mlp_evolution(jax.random.PRNGKey(0), (3, 3, 2, 4), hidden=8)
+      >>> op.params["w1"].shape, bool(jnp.all(op.step(jnp.ones((3, 3, 2, 4)), 0.2) == 1))  # q = 0 at init
+      ((9, 8), True)
     """
     if not 2 <= len(kernel_shape) <= 4:
         raise ValueError(f"mlp_evolution: kernel_shape={tuple(kernel_shape)} must have rank 2-4 (kh, kw[, cin, cout])")

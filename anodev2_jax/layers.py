@@ -83,6 +83,7 @@ def batch_norm(x, p, train: bool):
 
 
 def layer_names(num_convs: int) -> list[tuple[str, str]]:
+    """The ``(conv, batch norm)`` parameter names of an ODE function of ``num_convs`` convolutions (AlexNet: one)."""
     if num_convs == 1:
         return [("conv", "bn")]
     return [(f"conv{i}", f"bn{i}") for i in range(1, num_convs + 1)]

@@ -54,6 +54,17 @@ class RDACoeffs(NamedTuple):
       v: advection velocity, shape ``S + (2,)``; ``v[..., 0]`` pairs with kernel axis 0
         (``kh``) and ``v[..., 1]`` with axis 1 (``kw``).
       rho: reaction (exponential growth/decay rate), shape ``S``.
+
+    Every concrete coefficient must be finite (and ``d >= 0``): :func:`check_coeffs` refuses
+    NaN and inf where it can read the values; under ``jit`` they are traced and not read.
+    ``RDACoeffs`` is a leaf of ``coupled_block``'s evolution tree (Eq. B.4 with the block's
+    ``nonlinearity``), not an evolution operator (it has no ``step``).
+
+    Example:
+      >>> c = RDACoeffs(d=0.1, v=jnp.asarray([0.5, -0.2]), rho=0.0)  # one scalar set per kernel
+      >>> per_filter = RDACoeffs(jnp.full(4, 0.1), jnp.zeros((4, 2)), jnp.zeros(4))  # one per output filter
+      >>> evolve_weights(jnp.ones((3, 3, 2, 4)), per_filter, num_steps=2, dt=0.5).shape
+      (3, 3, 2, 4)
     """
 
     d: ArrayLike
@@ -62,7 +73,12 @@ class RDACoeffs(NamedTuple):
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...] = (), dtype=jnp.float32) -> "RDACoeffs":
-        """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``."""
+        """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``.
+
+        Example:
+          >>> RDACoeffs.zeros((4,)).v.shape
+          (4, 2)
+        """
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape + (2,), dtype), jnp.zeros(shape, dtype))
 
 
@@ -282,7 +298,8 @@ def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."
 
     Example:
       >>> w = jnp.arange(9.0).reshape(3, 3)
-      >>> bool(jnp.allclose(apply_multiplier(w, jnp.ones((3, 3), jnp.complex64)), w))  # m = 1: identity
+      >>> m = rda_multiplier((3, 3), RDACoeffs.zeros(), 0.5, w.dtype)  # lam = 0: m = 1, the identity
+      >>> bool(jnp.allclose(apply_multiplier(w, m), w))
       True
     """
     w_hat = jnp.fft.fft2(w.astype(compute_dtype(w.dtype)), axes=(0, 1))

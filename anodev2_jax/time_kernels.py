@@ -44,7 +44,12 @@ def _check_scalar(x, name: str) -> None:
 
 
 def is_time_kernel(x) -> bool:
-    """Whether ``x`` is a time kernel (duck-typed: a callable ``weights``)."""
+    """Whether ``x`` is a time kernel (K of Eq. 2.3d; duck-typed: a callable ``weights``, any pytree kind).
+
+    Example:
+      >>> is_time_kernel(DiracKernel()), is_time_kernel(None), is_time_kernel("exponential")
+      (True, False, False)
+    """
     return x is not None and callable(getattr(x, "weights", None))
 
 
@@ -68,11 +73,15 @@ class AbstractTimeKernel(eqx.Module):
 
 
 class DiracKernel(AbstractTimeKernel):
-    """``K = delta``: ``theta(t_n) = w(t_n)`` (configurations 1 and 2 of the paper).
+    """``K = delta`` in Eq. 2.3d: ``theta(t_n) = w(t_n)`` (configurations 1 and 2 of the paper).
 
     ``coupled_block(..., time_kernel=None)`` selects the trajectory entries directly (bit
     for bit the behaviour without kernels); ``DiracKernel()`` goes through the weighted
-    sum with one-hot weights and equals it to round-off.
+    sum with one-hot weights and equals it to round-off. No parameters.
+
+    Example:
+      >>> DiracKernel().weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
+      [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
 
     def weights(self, t, tau):
@@ -81,7 +90,7 @@ class DiracKernel(AbstractTimeKernel):
 
 
 class ExponentialKernel(AbstractTimeKernel):
-    """Normalized exponentially weighted average of the weights so far: ``dtheta/dt = rate (w - theta)``, ``theta(0) = w0``.
+    """Eq. 2.3d's normalized exponentially weighted average of the weights so far: ``dtheta/dt = rate (w - theta)``, ``theta(0) = w0``.
 
     Continuous form: ``K(s) = rate e^{-rate s}`` plus the mass ``e^{-rate t}`` on ``w0``
     (so the weights sum to 1: ``theta`` is an average, not a decaying integral).
@@ -180,7 +189,7 @@ class ExponentialKernel(AbstractTimeKernel):
 
 
 class DiscreteKernel(AbstractTimeKernel):
-    """One learnable weight per lag on the grid: ``kappa[n, m] = values[idx_n - m]`` for ``0 <= idx_n - m < len(values)``.
+    """Eq. 2.3d with one learnable weight per lag on the grid: ``kappa[n, m] = values[idx_n - m]`` for ``0 <= idx_n - m < len(values)``.
 
     Entries with other lags are 0 (causal by construction). ``values = (1, 0, ...)`` is the
     Dirac kernel; ``(1/L, ..., 1/L)`` a moving average of the last ``L`` weights. The
@@ -188,7 +197,12 @@ class DiscreteKernel(AbstractTimeKernel):
 
     Attributes:
       values: learnable, shape ``(L,)``, ``L >= 1``; ``values[k]`` weights the weight ``k``
-        grid steps back.
+        grid steps back. Concrete values must be finite.
+
+    Example:
+      >>> moving_average = DiscreteKernel(jnp.asarray([0.5, 0.5]))  # theta_n = (w_{idx_n} + w_{idx_n - 1}) / 2
+      >>> moving_average.weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
+      [[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]
     """
 
     values: Array

@@ -168,6 +168,7 @@ def test_discrete_path_with_step_args_and_aux():
     assert max_rel_err(disc, auto) <= 1e-8
 
 
+@pytest.mark.exact
 def test_discrete_adjoint_returns_gradients_in_coupled_blocks_input_order():
     # order="inputs": (z0, theta0, evolution, time_kernel, step_args), always five entries;
     # the old layout (kernel after step_args, four entries without a kernel) stays for one

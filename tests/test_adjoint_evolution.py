@@ -175,6 +175,7 @@ def test_forward_under_jit_and_vmap_matches_eager():
 # ---- every pytree kind is an operator (DESIGN.md: any pytree with a callable step) ----------
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("kind", OPERATOR_KINDS)
 def test_every_pytree_kind_is_an_operator_with_gradients_three_ways(kind):
     # the same q (one Euler step of helpers.user_q) as a NamedTuple, a register_dataclass

@@ -177,6 +177,7 @@ def test_bad_input(kw, exc, match):
         _bad(**kw)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("adjoint", ["autodiff", "discrete"])
 def test_f_output_must_match_has_aux(adjoint):
     # batch 2: with has_aux=True a plain array used to unpack as (dz, aux) = (z[0], z[1]), a wrong output

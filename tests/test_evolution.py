@@ -272,6 +272,7 @@ def test_is_operator_is_a_callable_step_on_the_object_not_its_container_type():
     assert is_evolution_leaf(None) and is_evolution_leaf(RDACoeffs(0.1, (0.0, 0.0), 0.0))
 
 
+@pytest.mark.exact
 def test_operators_inside_a_user_namedtuple_container():
     # theta0 and the evolution tree are one NamedTuple container type; the operator inside is
     # itself a NamedTuple (with step) and RDACoeffs (without): flattening stops at both
@@ -331,6 +332,7 @@ def test_empty_kernel_is_refused():
         check_operator(LinearEvolution.zeros((3, 3)), jnp.zeros((0, 3)), 0.5, name="evolution['w']")
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision_kernels_evolve_in_float32(dtype):
     # no half-precision complex or expm: the step runs in float32 and is rounded back once

@@ -230,6 +230,7 @@ def test_zero_step_length_is_the_identity_and_traced_values_are_not_checked():
     assert out.shape == w.shape
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("c_shape", [(), (2, 3)])  # the matrix path and the FFT path (per-(cin, cout) coefficients)
 def test_half_precision_kernels_evolve_in_float32(dtype, c_shape):

@@ -175,6 +175,7 @@ def test_non_causal_kernel_is_caught_under_jit_too():
 # ---- the exponential kernel's parameterization: any gradient step leaves a valid kernel ----
 
 
+@pytest.mark.exact
 def test_log_rate_is_the_leaf_and_rate_keeps_its_meaning():
     kernel = ExponentialKernel(2.5)
     assert [k.name for k in jax.tree_util.tree_flatten_with_path(kernel)[0][0][0]] == ["log_rate"]

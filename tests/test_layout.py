@@ -110,6 +110,8 @@ def test_package_reexports_in_the_name_as_name_form_and_lists_them_in_all():
             for a in node.names:
                 assert a.asname == a.name, f"__init__.py: import {a.name} as {a.name} (the explicit re-export form)"
                 reexports.append(a.name)
-                module_all = _all_of(ast.parse((PACKAGE / f"{node.module.split('.')[1]}.py").read_text()))
+                path = PACKAGE.joinpath(*node.module.split(".")[1:])  # a module, or a subpackage's __init__
+                path = path.with_suffix(".py") if path.with_suffix(".py").exists() else path / "__init__.py"
+                module_all = _all_of(ast.parse(path.read_text()))
                 assert a.name in module_all, f"{a.name} is re-exported but not in {node.module}.__all__"
     assert _all_of(tree) == reexports, "__init__.__all__ must list exactly the re-exported names, in import order"

@@ -40,14 +40,15 @@ as are ``u_m`` and the kernel weights.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from anodev2_jax import ode
-from anodev2_jax.rda import RDACoeffs, align, apply_multiplier, rda_multiplier, wavenumbers
+from anodev2_jax.rda import RDACoeffs, align, apply_multiplier, compute_dtype, rda_multiplier, wavenumbers
 from anodev2_jax.trajectory import (
     BlockSpec,
     is_evolution_leaf,
@@ -60,7 +61,15 @@ from anodev2_jax.trajectory import (
     weights_at_step,
 )
 
-__all__ = ["discrete_adjoint", "coupled_block_discrete", "rda_adjoint", "operator_adjoint", "as_arrays"]
+__all__ = [
+    "ORDERS",
+    "AdjointGradients",
+    "discrete_adjoint",
+    "coupled_block_discrete",
+    "rda_adjoint",
+    "operator_adjoint",
+    "as_arrays",
+]
 
 PyTree = Any
 
@@ -99,8 +108,12 @@ def rda_adjoint(traj, coeffs: RDACoeffs, gammas, *, dt, nonlinearity):
     Returns:
       ``(w0_bar, coeffs_bar)``: Eq. 2.5d and Eq. 2.5e.
     """
+    kernel_dtype = traj[0].dtype
+    dtype = compute_dtype(kernel_dtype)  # float32 for half-precision kernels (as the forward), else a no-op
+    traj = [w.astype(dtype) for w in traj]
+    gammas = [None if g is None else g.astype(dtype) for g in gammas]
     w0 = traj[0]
-    dtype, shape = w0.dtype, w0.shape
+    shape = w0.shape
     m_count = len(traj) - 1
     mult = rda_multiplier(shape[:2], coeffs, dt, dtype)
     mult_b = align(mult, w0.ndim)
@@ -140,7 +153,7 @@ def rda_adjoint(traj, coeffs: RDACoeffs, gammas, *, dt, nonlinearity):
         v_bar.astype(jnp.result_type(coeffs.v)),
         rho_bar.astype(jnp.result_type(coeffs.rho)),
     )
-    return beta, coeffs_bar
+    return beta.astype(kernel_dtype), coeffs_bar
 
 
 def operator_adjoint(traj, op, gammas, *, dt):
@@ -288,6 +301,41 @@ def _bwd_impl(f, spec: BlockSpec, theta0, evolution, kernel, step_args, zs, traj
     return alpha, theta0_bar, evo_bar_tree, kernel_bar, step_args_bar
 
 
+class AdjointGradients(NamedTuple):
+    """The gradients :func:`discrete_adjoint` returns, in the order of the block's inputs (Eq. 2.3, then ``step_args``).
+
+    The order is ``coupled_block``'s: ``z0, theta0, evolution`` (its positional inputs),
+    then ``time_kernel`` and ``step_args`` (its keyword inputs, in signature order), the
+    same as ``jax.grad(loss, argnums=...)`` over a ``loss(z0, theta0, evolution,
+    time_kernel, step_args)``. Always five fields (``None`` for an input not given), so the
+    layout never depends on an argument's value.
+
+    Attributes:
+      z0: ``dJ/dz0 = alpha_0`` (Eq. 2.5a), ``z0``'s shape and dtype.
+      theta0: ``dJ/dtheta0``, ``theta0``'s structure: ``beta_0`` (Eq. 2.5d) for evolved
+        leaves, the sum of the per-step ``gamma_n`` (Eq. 2.5b) for static ones.
+      evolution: ``dJ/dp`` (Eq. 2.5e), the evolution pytree's structure: per evolved leaf an
+        ``RDACoeffs`` of gradients or the operator's own pytree of gradients; None without evolution.
+      time_kernel: the kernel's gradient (a pytree like the kernel, e.g. an
+        ``ExponentialKernel`` holding ``dJ/dlog_rate``), None without a kernel.
+      step_args: ``dJ/dstep_args`` (leading axis ``steps_z``), None without ``step_args``.
+
+    Example:
+      >>> g = AdjointGradients(z0=jnp.ones(2), theta0={}, evolution=None, time_kernel=None, step_args=None)
+      >>> g._fields, g.z0.shape
+      (('z0', 'theta0', 'evolution', 'time_kernel', 'step_args'), (2,))
+    """
+
+    z0: Any
+    theta0: PyTree
+    evolution: PyTree
+    time_kernel: PyTree
+    step_args: PyTree
+
+
+ORDERS = ("inputs", "legacy")
+
+
 def discrete_adjoint(
     f,
     z0,
@@ -298,30 +346,60 @@ def discrete_adjoint(
     steps_z: int,
     steps_w: Optional[int] = None,
     schedule: str = "aligned",
-    nonlinearity=jnp.tanh,
+    nonlinearity: Optional[Callable] = jnp.tanh,
+    time_kernel: Optional[PyTree] = None,
     step_args: Optional[PyTree] = None,
-    time_kernel=None,
+    order: Optional[str] = None,
 ):
     """Value and gradients of the coupled block by the hand-written discrete adjoint (Eq. 2.5 with Eq. 2.3c-d).
 
     Same arguments and semantics as :func:`anodev2_jax.coupled_block` (forward Euler),
-    plus ``z1_bar = dJ/dz(1)``, the cotangent of the block output.
+    plus ``z1_bar = dJ/dz(1)``, the cotangent of the block output: the alpha, gamma and
+    beta recursions of Eq. 2.5 written out, one ``jax.vjp`` of ``f`` per activation step and
+    of an operator's ``step`` per weight step, the RDA adjoint as the conjugate Fourier
+    multiplier. Agrees with ``jax.vjp`` through ``coupled_block`` to float64 round-off.
 
     Args:
-      f, z0, theta0, steps_z, steps_w, schedule, nonlinearity, step_args: as in ``coupled_block``.
+      f: ``f(z, theta) -> dz`` (``f(z, theta, args_n)`` with ``step_args``).
+      z0: block input, any shape, floating point (e.g. ``(N, H, W, C)``).
+      theta0: pytree of weights; evolved leaves are kernels ``(kh, kw[, cin, cout])``.
       evolution: None, or a pytree with ``theta0``'s structure whose leaves are None,
         ``RDACoeffs`` or evolution operators (``coupled_block``'s fourth argument).
       z1_bar: ``dJ/dz(1)``, shape and dtype of ``z0``.
+      steps_z, steps_w, schedule, nonlinearity: as in ``coupled_block``.
       time_kernel: None (Dirac, selection) or a time kernel (Eq. 2.3d).
+      step_args: optional per-step pytree (leading axis ``steps_z``), as in ``coupled_block``.
+      order: the layout of the gradients. ``"inputs"``: an :class:`AdjointGradients`,
+        ``(z0, theta0, evolution, time_kernel, step_args)``, the order of
+        ``coupled_block``'s inputs; the default from the next release on. ``"legacy"``
+        (today's default, with a FutureWarning when ``order`` is not given): the old tuple
+        ``(z0, theta0, evolution, step_args)``, with the kernel's gradient appended as a
+        fifth entry when ``time_kernel`` is not None. Pass ``order="inputs"`` now.
 
     Returns:
-      ``(z1, (z0_bar, theta0_bar, evolution_bar, step_args_bar))``: the block output and the
-      gradients of ``J`` with respect to ``z0`` (alpha_0, Eq. 2.5a), ``theta0`` (beta_0,
-      Eq. 2.5d, for evolved leaves; the sum of the per-step gammas for static ones),
-      ``evolution`` (Eq. 2.5e; per evolved leaf an ``RDACoeffs`` of gradients or the
-      operator's pytree of gradients) and ``step_args``. With a ``time_kernel`` (not None)
-      the tuple has a fifth entry: the kernel's gradient (a pytree like the kernel).
+      ``(z1, grads)``: the block output ``z(1)`` (``z0``'s shape and dtype) and the
+      gradients of ``J`` in the layout ``order`` selects (see :class:`AdjointGradients`).
+
+    Example:
+      >>> f = lambda z, th: jnp.tanh(z @ th["w"][0, 0])  # a 1x1 kernel as a dense layer
+      >>> theta0 = {"w": 0.5 * jnp.ones((3, 3, 4, 4))}
+      >>> evolution = {"w": RDACoeffs(0.1, jnp.zeros(2), 0.0)}
+      >>> z1, g = discrete_adjoint(f, jnp.ones((2, 4)), theta0, evolution, jnp.ones((2, 4)), steps_z=2, order="inputs")
+      >>> z1.shape, g.theta0["w"].shape, g.evolution["w"].d.shape, g.time_kernel
+      ((2, 4), (3, 3, 4, 4), (), None)
     """
+    if order is None:
+        warnings.warn(
+            "discrete_adjoint: the gradients' order changes in the next release to coupled_block's input order "
+            "(z0, theta0, evolution, time_kernel, step_args), always five entries; pass order='inputs' to get it "
+            "now (an AdjointGradients named tuple), or order='legacy' to keep (z0, theta0, evolution, step_args"
+            "[, time_kernel]) until then",
+            FutureWarning,
+            stacklevel=2,
+        )
+        order = "legacy"
+    ode.check_choice("order", order, ORDERS)
+    ode.check_state(z0)
     spec = make_spec(steps_z, steps_w, schedule, nonlinearity, "euler", False)
     evolution = as_arrays(evolution)
     time_kernel = None if time_kernel is None else jax.tree_util.tree_map(_leaf_as_array, time_kernel)
@@ -329,6 +407,8 @@ def discrete_adjoint(
     z0_bar, theta0_bar, evo_bar, kernel_bar, args_bar = _bwd_impl(
         f, spec, theta0, evolution, time_kernel, step_args, zs, trajs, z1_bar
     )
+    if order == "inputs":
+        return z1, AdjointGradients(z0_bar, theta0_bar, evo_bar, kernel_bar, args_bar)
     grads = (z0_bar, theta0_bar, evo_bar, args_bar)
     return z1, grads if time_kernel is None else grads + (kernel_bar,)
 

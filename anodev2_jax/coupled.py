@@ -39,7 +39,14 @@ ADJOINTS = ("autodiff", "discrete")
 
 PyTree = Any
 
-_MISSING = object()
+class _Missing:
+    """The default of ``evolution`` / ``coeffs``: one of the two must be given (``coeffs`` is the old name)."""
+
+    def __repr__(self) -> str:  # what help(coupled_block) shows in the signature
+        return "<required>"
+
+
+_MISSING = _Missing()
 
 
 def _forward(f, spec: BlockSpec, z0, theta0, evolution, kernel, step_args, remat: str):
@@ -64,12 +71,12 @@ def coupled_block(
     steps_w: Optional[int] = None,
     schedule: str = "aligned",
     nonlinearity: Optional[Callable] = jnp.tanh,
+    time_kernel: Optional[PyTree] = None,
     remat: str = "none",
     adjoint: str = "autodiff",
     solver: str = "euler",
     step_args: Optional[PyTree] = None,
     has_aux: bool = False,
-    time_kernel=None,
     coeffs: PyTree = _MISSING,
 ):
     """The ANODEV2 block: evolve the weights (Eq. 2.3c), weight them in time (Eq. 2.3d), solve the activation ODE (Eq. 2.3b).
@@ -82,24 +89,39 @@ def coupled_block(
     (a time kernel). ``None`` leaves are held static. ``evolution=None`` and ``steps_z=1`` is
     exactly the ResNet block ``z0 + f(z0, theta0)``.
 
+    Input checks (before any compute; one-line TypeError / ValueError naming the argument,
+    the value and the fix): ``z0`` must be floating point; the evolution tree must match
+    ``theta0``'s structure; evolved kernels have rank 2-4 and non-empty spatial axes;
+    concrete coefficients and operator / kernel parameters must be finite (``d >= 0``); a
+    time kernel must be causal; ``f``'s output must match ``has_aux`` (a pair ``(dz, aux)``
+    or one array) and ``z``'s shape. Values that are traced (under ``jit``, ``grad``,
+    ``vmap``) are not read, so the checks cost nothing in a jitted training step.
+
     Args:
       f: ``f(z, theta) -> dz`` (``f(z, theta, args_n)`` with ``step_args``; returning
         ``(dz, aux)`` with ``has_aux``). With ``adjoint="discrete"`` ``f`` must not close over
         traced values (pass everything differentiable through ``theta0``/``step_args``).
-      z0: block input (any shape, e.g. NHWC activations ``(N, H, W, C)``).
+      z0: block input, floating point, any shape (e.g. NHWC activations ``(N, H, W, C)``).
       theta0: pytree of weights ``w0`` (Eq. 2.3c initial condition); evolved leaves are
         kernels ``(kh, kw[, cin, cout])`` (HWIO).
       evolution: None (no evolution: Neural ODE/ANODE), or a pytree with ``theta0``'s
         structure whose leaves are None (static), ``RDACoeffs`` (Eq. B.4 with
-        ``nonlinearity``) or evolution operators (:mod:`anodev2_jax.evolution`: pytrees with
-        ``step(w, dt)``, e.g. ``RDAEquation``, ``LinearEvolution``, ``ODEEvolution``,
-        ``mlp_evolution``; their array leaves are learnable and get gradients). Was named
-        ``coeffs``: positional use and the keyword ``coeffs=`` keep working.
+        ``nonlinearity``) or evolution operators (q of Eq. 2.3c: any pytree with a callable
+        ``step(w, dt)``: a NamedTuple, dataclass, ``eqx.Module``, ``flax.struct.dataclass``
+        or ``nnx.Module``, or the provided ``RDAEquation``, ``LinearEvolution``,
+        ``ODEEvolution``, ``mlp_evolution``; see :mod:`anodev2_jax.evolution`; their
+        floating-point leaves are learnable and get gradients). Was named ``coeffs``:
+        positional use and the keyword ``coeffs=`` keep working.
       steps_z: activation steps (static int >= 1).
       steps_w: weight steps of the trajectory (static int >= 1; default ``steps_z``).
       schedule: ``"aligned"`` (configuration 1) or ``"endpoints"`` (configuration 2).
       nonlinearity: ``sigma`` of Eq. B.4 for ``RDACoeffs`` leaves (default tanh) or None for
         the linear PDE; operators carry their own.
+      time_kernel: None (``theta_n = W_{idx_n}``, the paper's Dirac delta, by selection) or a
+        time kernel (K of Eq. 2.3d, :mod:`anodev2_jax.time_kernels`: ``DiracKernel()``,
+        ``ExponentialKernel(rate)``, ``DiscreteKernel(values)`` or any pytree with
+        ``weights(t, tau)``), applied to every evolved leaf; a differentiable argument (its
+        array leaves get gradients, also through ``adjoint="discrete"``).
       remat: ``"none"``, ``"block"`` (ANODE: keep only the input, recompute the block,
         weight evolution included, in the backward pass), ``"step"`` (also checkpoint
         each activation step) or ``"binomial"`` (block checkpoint plus nested checkpoints
@@ -116,15 +138,21 @@ def coupled_block(
         BatchNorm parameters); slice ``n`` is passed to ``f`` at step ``n``.
       has_aux: ``f`` returns ``(dz, aux)``; the result is ``(z1, aux)``, aux stacked over
         steps and not differentiated.
-      time_kernel: None (``theta_n = W_{idx_n}``, the paper's Dirac delta, by selection) or a
-        time kernel (:mod:`anodev2_jax.time_kernels`: ``DiracKernel()``,
-        ``ExponentialKernel(rate)``, ``DiscreteKernel(values)`` or any pytree with
-        ``weights(t, tau)``), applied to every evolved leaf; a differentiable argument (its
-        array leaves get gradients, also through ``adjoint="discrete"``).
       coeffs: keyword alias of ``evolution`` (the old name).
 
     Returns:
-      ``z(1)`` with the shape and dtype of ``z0`` (or ``(z(1), aux)``).
+      ``z(1)`` with the shape and dtype of ``z0`` (or ``(z(1), aux)``, aux with a leading
+      axis of length ``steps_z``).
+
+    Example:
+      >>> conv = lambda z, w: jax.lax.conv_general_dilated(z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      >>> f = lambda z, theta: jnp.tanh(conv(z, theta["w"]) + theta["b"].reshape(1, 1, 1, -1))
+      >>> theta0 = {"w": 0.1 * jnp.ones((3, 3, 4, 4)), "b": jnp.zeros(4)}
+      >>> evolution = {"w": RDACoeffs(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0), "b": None}  # configuration 1
+      >>> coupled_block(f, jnp.ones((2, 8, 8, 4)), theta0, evolution, steps_z=5, steps_w=5).shape
+      (2, 8, 8, 4)
+      >>> z1 = coupled_block(f, jnp.ones((2, 8, 8, 4)), theta0, evolution, steps_z=2, steps_w=10,
+      ...                    schedule="endpoints", time_kernel=ExponentialKernel(2.0), adjoint="discrete")
     """
     if coeffs is not _MISSING:
         if evolution is not _MISSING:
@@ -136,6 +164,7 @@ def coupled_block(
             "None / RDACoeffs / evolution operators with theta0's structure"
         )
     spec = make_spec(steps_z, steps_w, schedule, nonlinearity, solver, has_aux)
+    ode.check_state(z0)
     ode.check_choice("remat", remat, ode.REMAT_MODES)
     ode.check_choice("adjoint", adjoint, ADJOINTS)
     # validate structure, coefficients, operators (by eval_shape) and the kernel before any compute
@@ -212,7 +241,7 @@ def coupled_odeint_diffrax(
 
     Args:
       f: ``f(z, theta) -> dz`` (no ``step_args``/aux here).
-      z0, theta0: as in :func:`coupled_block`.
+      z0, theta0: as in :func:`coupled_block` (``z0`` floating point).
       evolution: None or a pytree with ``theta0``'s structure whose leaves are None or
         operators with ``rhs`` (``RDAEquation``, ``LinearEvolution``, ``ODEEvolution``,
         ``mlp_evolution``). ``RDACoeffs`` is rejected: Eq. B.4 is a discrete map with no
@@ -230,10 +259,19 @@ def coupled_odeint_diffrax(
       max_steps: diffrax's step limit.
 
     Returns:
-      ``z(t1)``. Gradients flow to ``z0``, ``theta0``, the operators' and the kernel's leaves.
+      ``z(t1)``, ``z0``'s shape and dtype. Gradients flow to ``z0``, ``theta0``, the
+      operators' and the kernel's leaves (the kernel's ``log_rate``).
+
+    Example:
+      >>> import diffrax
+      >>> f = lambda z, theta: jnp.tanh(z @ theta["w"][0, 0])
+      >>> theta0, evolution = {"w": 0.1 * jnp.ones((3, 3, 4, 4))}, {"w": LinearEvolution.zeros((3, 3, 4, 4))}
+      >>> coupled_odeint_diffrax(f, jnp.ones((2, 4)), theta0, evolution, solver=diffrax.Tsit5(), dt0=0.25).shape
+      (2, 4)
     """
     import diffrax  # local import: only this function needs it
 
+    ode.check_state(z0)
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"coupled_odeint_diffrax: solver={solver!r} must be a diffrax solver instance, e.g. diffrax.Tsit5()")
     controller = diffrax.ConstantStepSize() if stepsize_controller is None else stepsize_controller

@@ -1,10 +1,39 @@
 """Evolution operators: the weight network ``dw/dt = q(w; p)`` of Eq. 2.3c (RDA Eq. 2.6, linear, any q, MLP).
 
-An evolution operator is a JAX pytree whose array leaves are its learnable parameters
-``p``, with ``step(w, dt) -> w_next`` (one step on the weight grid, ``w``'s shape and
-dtype; ``dt`` a Python float) and, where it has one, ``rhs(w) -> dw/dt`` (for continuous
-solvers). ``RDACoeffs`` (Eq. B.4, a discrete map) is not one: :mod:`anodev2_jax.trajectory`
-handles it and keeps its analytic adjoint.
+The operator contract. An evolution operator is any JAX pytree with a callable
+``step(w, dt) -> w_next``: one step on the weight grid, returning one array of ``w``'s
+shape and dtype (``dt`` is a Python float, ``1 / steps_w`` in ``coupled_block``) and,
+where it has one, ``rhs(w) -> dw/dt`` (for ``coupled_odeint_diffrax``). Its floating-point
+leaves are its learnable parameters ``p`` and get gradients through both adjoints
+(``jax.grad`` and the hand-written Eq. 2.5 adjoint, which takes one ``jax.vjp`` of
+``step`` per weight step); anything that must stay static (a sub-step count, a function)
+must not be a leaf: a ``meta_fields`` entry of ``jax.tree_util.register_dataclass``,
+``eqx.field(static=True)``, ``flax.struct.field(pytree_node=False)``, a plain attribute of
+an ``nnx.Module`` (a NamedTuple has no static fields: every field is a leaf). Optional:
+``check(w, *, name)`` to validate the operator against its kernel before any compute.
+
+What counts: an object with a callable ``step``, whatever its pytree kind
+(:func:`is_operator`): a ``typing.NamedTuple`` or dataclass with a ``step`` method, an
+``eqx.Module``, a ``flax.struct.dataclass``, a Flax NNX ``nnx.Module`` (a JAX pytree since
+Flax 0.11, so it also works inside ``nnx.jit`` / ``nnx.grad``). A plain tuple, list or dict
+has no ``step``: it is a container of operators, matched against ``theta0``'s structure.
+``RDACoeffs`` (Eq. B.4, a discrete map, no ``step``) is not an operator:
+:mod:`anodev2_jax.trajectory` handles it and keeps its analytic adjoint.
+
+Example (a NamedTuple operator, ``dw/dt = -a w`` stepped exactly):
+
+    >>> from typing import NamedTuple
+    >>> from anodev2_jax import coupled_block
+    >>> class Decay(NamedTuple):
+    ...     a: jax.Array
+    ...     def step(self, w, dt):
+    ...         return w * jnp.exp(-self.a * dt).astype(w.dtype)
+    >>> f = lambda z, th: jnp.tanh(z @ th["w"][0, 0])
+    >>> theta0 = {"w": jnp.ones((3, 3, 4, 4)) / 4, "b": jnp.zeros(4)}
+    >>> evolution = {"w": Decay(jnp.asarray(0.5)), "b": None}  # the bias is held static
+    >>> loss = lambda evo: jnp.sum(coupled_block(f, jnp.ones((2, 4)), theta0, evo, steps_z=2, adjoint="discrete"))
+    >>> type(jax.grad(loss)(evolution)["w"]).__name__  # the gradient is a Decay holding dJ/da
+    'Decay'
 """
 
 from __future__ import annotations
@@ -25,6 +54,8 @@ from anodev2_jax.rda import (
     apply_matrix,
     apply_multiplier,
     check_coeffs,
+    check_kernel,
+    compute_dtype,
     generator_matrix,
     spectral_symbol,
     use_matrix,
@@ -51,35 +82,83 @@ def _is_concrete(x) -> bool:
 
 
 def check_substeps(value, *, name: str = "substeps") -> None:
-    """Raise a ValueError unless ``value`` is a Python int >= 1 (sub-steps per weight step)."""
+    """Raise a ValueError unless ``value`` is a Python int >= 1 (sub-steps per weight step).
+
+    Example:
+      >>> check_substeps(2)
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a Python int >= 1 (solver sub-steps per weight step)")
 
 
 def is_operator(x) -> bool:
-    """Whether ``x`` is an evolution operator: not a container, with a callable ``step``.
+    """Whether ``x`` is an evolution operator (the weight network q of Eq. 2.3c): anything with a callable ``step``.
 
-    Duck-typed on purpose: a user operator needs no base class (any pytree with ``step``,
-    e.g. an ``equinox.Module``; an optional ``check(w, *, name)`` validates it against its
-    kernel). The provided ones subclass :class:`AbstractEvolution`.
+    Duck-typed on purpose: a user operator needs no base class. Any pytree kind qualifies,
+    a ``typing.NamedTuple`` or a dataclass (``jax.tree_util.register_dataclass``,
+    ``flax.struct.dataclass``) with a ``step`` method, an ``equinox.Module``, a Flax NNX
+    ``nnx.Module`` (a JAX pytree since Flax 0.11; its ``nnx.Param`` values are the leaves).
+    The test is on the object itself, not on its container type: a plain tuple, list or
+    dict has no ``step`` and is a container of operators, while a NamedTuple subclass that
+    defines ``step`` is one operator (flattening stops at it, see
+    :func:`anodev2_jax.trajectory.is_evolution_leaf`). ``RDACoeffs`` (a NamedTuple without
+    ``step``) is not an operator: the trajectory module handles it (Eq. B.4). An optional
+    ``check(w, *, name)`` validates the operator against its kernel. The provided
+    operators subclass :class:`AbstractEvolution`.
+
+    Args:
+      x: any Python object.
+
+    Returns:
+      True when ``x`` is not None, not an ``RDACoeffs`` and ``x.step`` is callable.
+
+    Example:
+      >>> from typing import NamedTuple
+      >>> class Decay(NamedTuple):  # dw/dt = -a w, stepped exactly
+      ...     a: jax.Array
+      ...     def step(self, w, dt):
+      ...         return w * jnp.exp(-self.a * dt).astype(w.dtype)
+      >>> is_operator(Decay(jnp.asarray(0.5))), is_operator((1.0, 2.0)), is_operator({"w": None})
+      (True, False, False)
     """
-    if x is None or isinstance(x, (RDACoeffs, tuple, list, dict)):
+    if x is None or isinstance(x, RDACoeffs):
         return False
     return callable(getattr(x, "step", None))
 
 
 def check_operator(op, w, dt: float, *, name: str) -> None:
-    """Validate operator ``op`` against the kernel ``w`` it evolves, from shapes only (``jax.eval_shape``).
+    """Validate operator ``op`` against the kernel ``w`` it evolves, before any compute.
 
-    Runs ``op.check(w, name=name)`` when the operator has one, then checks that
-    ``op.step(w, dt)`` returns one array of ``w``'s shape and dtype. Raises ValueError /
-    TypeError naming ``name`` and the fix.
+    Checks the kernel (rank 2-4, non-empty spatial axes, floating point), that every
+    concrete floating-point leaf of ``op`` is finite (traced leaves, under ``jit``, are not
+    read: no cost in a jitted step), runs ``op.check(w, name=name)`` when the operator has
+    one, and checks from shapes only (``jax.eval_shape``) that ``op.step(w, dt)`` returns
+    one array of ``w``'s shape and dtype.
+
+    Args:
+      op: the operator (see :func:`is_operator`). w: its kernel ``(kh, kw[, cin, cout])``.
+      dt: the weight step length. name: how errors name the operator (e.g. ``evolution['w1']``).
+
+    Returns:
+      None; raises ValueError / TypeError naming ``name`` and the fix.
+
+    Example:
+      >>> check_operator(LinearEvolution.zeros((3, 3)), jnp.zeros((3, 3)), 0.5, name="evolution['w']")
     """
     if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
         raise ValueError(
             f"{name}: an evolution operator needs a kernel of rank 2-4 (kh, kw[, cin, cout]), got shape "
             f"{jnp.shape(w)}; give this leaf None to hold it static"
         )
+    check_kernel(w, name=f"{name}: the kernel")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(op)[0]:
+        if _is_concrete(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            a = np.asarray(leaf)
+            if not np.all(np.isfinite(a)):
+                raise ValueError(
+                    f"{name}{jax.tree_util.keystr(path)} has a non-finite entry ({a[~np.isfinite(a)].flat[0]}): "
+                    "every parameter of an evolution operator must be finite"
+                )
     if callable(getattr(op, "check", None)):
         op.check(w, name=name)
     out = jax.eval_shape(lambda op, w: op.step(w, dt), op, w)
@@ -94,8 +173,17 @@ def check_operator(op, w, dt: float, *, name: str) -> None:
 def evolve(op, w0: Float[Array, "kh kw ..."], *, num_steps: int, dt: float, trajectory: bool = False):
     """``num_steps`` steps of ``op`` from ``w0`` (Eq. 2.3c on the grid ``tau_m = m dt``).
 
-    Returns the final kernel, or with ``trajectory=True`` all ``num_steps + 1`` kernels
-    stacked on a new leading axis (index 0 is ``w0`` itself).
+    Args:
+      op: an evolution operator. w0: kernel ``(kh, kw[, cin, cout])``.
+      num_steps: Python int >= 0. dt: step length. trajectory: return every step.
+
+    Returns:
+      The final kernel (``w0``'s shape and dtype), or with ``trajectory=True`` all
+      ``num_steps + 1`` kernels stacked on a new leading axis (index 0 is ``w0`` itself).
+
+    Example:
+      >>> evolve(LinearEvolution.zeros((3, 3)), jnp.ones((3, 3)), num_steps=2, dt=0.5, trajectory=True).shape
+      (3, 3, 3)
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps={num_steps!r} must be a non-negative Python int")
@@ -130,7 +218,18 @@ def _step_length(dt, substeps: int, dtype):
 
 
 class AbstractEvolution(eqx.Module):
-    """Base class of the provided operators (optional for user operators: see :func:`is_operator`)."""
+    """Base class of the provided operators (optional for user operators: see :func:`is_operator`).
+
+    An ``eqx.Module`` with an abstract ``step`` and a default ``check`` that checks nothing.
+
+    Example:
+      >>> class Scale(AbstractEvolution):  # dw/dt = c w, stepped exactly
+      ...     c: jax.Array
+      ...     def step(self, w, dt):
+      ...         return w * jnp.exp(self.c * dt).astype(w.dtype)
+      >>> is_operator(Scale(jnp.asarray(0.1)))
+      True
+    """
 
     @abc.abstractmethod
     def step(self, w, dt):
@@ -160,6 +259,14 @@ class RDAEquation(AbstractEvolution):
       sigma: elementwise nonlinearity with ``sigma(0) = 0`` (default tanh), or None for
         the linear equation ``dw/dt = L w``. Static.
       substeps: RK4 sub-steps per weight step (static int >= 1).
+
+    Concrete ``d``, ``v``, ``rho`` must be finite (and ``d >= 0``). float16 / bfloat16
+    kernels are stepped in float32 and rounded back once per step.
+
+    Example:
+      >>> op = RDAEquation(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0, substeps=2)
+      >>> op.step(jnp.ones((3, 3, 2, 4)), 0.2).shape
+      (3, 3, 2, 4)
     """
 
     d: Array
@@ -200,14 +307,17 @@ class RDAEquation(AbstractEvolution):
         return (lambda x, _: linear(x)) if sigma is None else (lambda x, _: sigma(linear(x)))
 
     def rhs(self, w):
-        """``sigma(L w)``: the right-hand side of Eq. 2.6."""
-        return self._field(w)(w, None)
+        """``sigma(L w)``: the right-hand side of Eq. 2.6 (``w``'s shape and dtype; half precision computes in float32)."""
+        x = w.astype(compute_dtype(w.dtype))
+        return self._field(x)(x, None).astype(w.dtype)
 
     def step(self, w, dt):
-        step = ode.make_step(self._field(w), "rk4", _step_length(dt, self.substeps, w.dtype), False)
+        """``substeps`` RK4 steps of length ``dt / substeps`` (float16 / bfloat16 kernels in float32, rounded back once)."""
+        x = w.astype(compute_dtype(w.dtype))  # a no-op for float32 / float64
+        step = ode.make_step(self._field(x), "rk4", _step_length(dt, self.substeps, x.dtype), False)
         for _ in range(self.substeps):
-            w, _ = step(w, None, None)
-        return w
+            x, _ = step(x, None, None)
+        return x.astype(w.dtype)
 
 
 @jax.custom_vjp
@@ -236,7 +346,7 @@ _expm.defvjp(_expm_fwd, _expm_bwd)
 
 
 class LinearEvolution(AbstractEvolution):
-    """A learnable linear weight ODE ``dw/dt = G w`` on each kernel slice's ``kh*kw`` spatial values.
+    """A learnable linear weight ODE ``dw/dt = G w`` (Eq. 2.3c with a linear q) on each kernel slice's ``kh*kw`` spatial values.
 
     ``w`` is flattened row-major over its two spatial axes (as
     :func:`anodev2_jax.rda.propagator_matrix`), so ``G`` acts on ``w.reshape(kh*kw, ...)``.
@@ -248,7 +358,12 @@ class LinearEvolution(AbstractEvolution):
 
     Attributes:
       generator: ``G``, shape ``(K, K)`` (one generator for every slice) or ``(cout, K, K)``
-        (one per output filter), ``K = kh * kw``; real floating point.
+        (one per output filter), ``K = kh * kw``; real floating point, finite where concrete.
+
+    Example:
+      >>> op = LinearEvolution(0.1 * jnp.eye(9))  # dw/dt = 0.1 w: every value grows by e^{0.1 dt}
+      >>> round(float(op.step(jnp.ones((3, 3)), 1.0)[0, 0]), 6)
+      1.105171
     """
 
     generator: Array
@@ -262,11 +377,18 @@ class LinearEvolution(AbstractEvolution):
             )
         if not jnp.issubdtype(g.dtype, jnp.floating):
             raise TypeError(f"LinearEvolution: generator must be real floating point, got dtype {g.dtype}")
+        if _is_concrete(g) and not np.all(np.isfinite(np.asarray(g))):
+            raise ValueError("LinearEvolution: generator has NaN or inf entries; every entry of G must be finite")
         self.generator = g
 
     @classmethod
     def zeros(cls, kernel_shape: tuple[int, ...], *, per_filter: bool = False, dtype=jnp.float32) -> "LinearEvolution":
-        """``G = 0`` (no evolution) for kernels of ``kernel_shape``; ``per_filter`` gives one ``G`` per output filter."""
+        """``G = 0`` (no evolution) for kernels of ``kernel_shape``; ``per_filter`` gives one ``G`` per output filter.
+
+        Example:
+          >>> LinearEvolution.zeros((3, 3, 2, 4), per_filter=True).generator.shape
+          (4, 9, 9)
+        """
         k = int(kernel_shape[0]) * int(kernel_shape[1])
         shape = ((int(kernel_shape[-1]),) if per_filter else ()) + (k, k)
         return cls(jnp.zeros(shape, dtype))
@@ -286,12 +408,14 @@ class LinearEvolution(AbstractEvolution):
             )
 
     def rhs(self, w):
-        """``G w``."""
+        """``G w`` (``w``'s shape and dtype)."""
         return _spatial_matmul(self.generator.astype(w.dtype), w)
 
     def step(self, w, dt):
-        p = _expm(jnp.asarray(dt, w.dtype) * self.generator.astype(w.dtype))
-        return _spatial_matmul(p, w)
+        """``expm(dt G) w`` (float16 / bfloat16 kernels: the exponential and product in float32, rounded back)."""
+        cdt = compute_dtype(w.dtype)
+        p = _expm(jnp.asarray(dt, cdt) * self.generator.astype(cdt))
+        return _spatial_matmul(p, w.astype(cdt)).astype(w.dtype)
 
 
 class ODEEvolution(AbstractEvolution):
@@ -306,6 +430,12 @@ class ODEEvolution(AbstractEvolution):
       q: ``q(w, params) -> dw/dt`` with ``w``'s shape (static: it must not close over traced
         values; pass everything learnable through ``params``).
       solver, substeps: static.
+
+    Example:
+      >>> q = lambda w, p: p["a"] * jnp.tanh(w)  # a learnable reaction
+      >>> op = ODEEvolution(q, {"a": jnp.asarray(-0.5)}, solver="rk4", substeps=2)
+      >>> op.step(jnp.ones((3, 3)), 0.25).shape, op.rhs(jnp.ones((3, 3))).shape
+      ((3, 3), (3, 3))
     """
 
     params: PyTree
@@ -341,6 +471,11 @@ class MLPField:
     ``x = w.reshape(K, -1)`` (one column per ``(cin, cout)`` slice, ``K = kh * kw``);
     ``q = W2^T activation(W1^T x + b1) + b2``, reshaped back. A frozen dataclass, so equal
     fields compare equal and jit caches hit across calls.
+
+    Example:
+      >>> params = {"w1": jnp.ones((9, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 9)), "b2": jnp.zeros(9)}
+      >>> MLPField()(jnp.ones((3, 3, 2, 4)), params).shape  # zero last layer: q = 0
+      (3, 3, 2, 4)
     """
 
     activation: Callable = jnp.tanh
@@ -380,6 +515,11 @@ def mlp_evolution(
 
     Returns:
       An ``ODEEvolution`` with ``params = {"w1": (K, hidden), "b1": (hidden,), "w2": (hidden, K), "b2": (K,)}``.
+
+    Example:
+      >>> op = mlp_evolution(jax.random.PRNGKey(0), (3, 3, 2, 4), hidden=8)
+      >>> op.params["w1"].shape, bool(jnp.all(op.step(jnp.ones((3, 3, 2, 4)), 0.2) == 1))  # q = 0 at init
+      ((9, 8), True)
     """
     if not 2 <= len(kernel_shape) <= 4:
         raise ValueError(f"mlp_evolution: kernel_shape={tuple(kernel_shape)} must have rank 2-4 (kh, kw[, cin, cout])")

@@ -38,6 +38,7 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def lax_conv(x, kernel, strides, padding):
+    """XLA's convolution in this module's layout (NHWC input, HWIO kernel): the reference :func:`conv2d` computes."""
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS)
 
 
@@ -150,6 +151,7 @@ def conv_kernel_grad(x, g, kernel, strides, padding, pre=None):
 
 
 def conv_input_grad(g, kernel, strides, padding, x_shape):
+    """``dL/dx`` of a convolution for the output cotangent ``g``: XLA's transposed convolution (one ``jax.vjp``)."""
     zeros = jnp.zeros(x_shape, g.dtype)  # only its shape matters: the map is linear in x
     _, vjp_x = jax.vjp(lambda x_: lax_conv(x_, kernel, strides, padding), zeros)
     return vjp_x(g)[0]
@@ -185,6 +187,7 @@ def bn_relu_forward(x, scale, bias):
 
 
 def bn_relu_apply(x, scale, bias, mean, var):
+    """``relu((x - mean) * scale / sqrt(var + eps) + bias)`` over the channel axis, with the given moments."""
     inv = jax.lax.rsqrt(var + BN_EPS) * scale
     return jax.nn.relu((x - _bcast(mean)) * _bcast(inv) + _bcast(bias))
 

@@ -83,6 +83,7 @@ def batch_norm(x, p, train: bool):
 
 
 def layer_names(num_convs: int) -> list[tuple[str, str]]:
+    """The ``(conv, batch norm)`` parameter names of an ODE function of ``num_convs`` convolutions (AlexNet: one)."""
     if num_convs == 1:
         return [("conv", "bn")]
     return [(f"conv{i}", f"bn{i}") for i in range(1, num_convs + 1)]
@@ -264,7 +265,7 @@ def block_time_kernel(module: nn.Module, cfg: ODEConfig):
     dtype = cfg.jnp_dtype
     if cfg.time_kernel == "exponential":
         log_rate = module.param("time_log_rate", nn.initializers.constant(math.log(EXP_RATE_INIT)), (), dtype)
-        return ExponentialKernel(jnp.exp(log_rate))
+        return ExponentialKernel.from_log_rate(log_rate)
     if cfg.time_kernel == "discrete":
         init = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[0].set(1)
         return DiscreteKernel(module.param("time_values", init, (cfg.steps_w + 1,), dtype))

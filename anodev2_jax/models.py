@@ -174,8 +174,17 @@ def get_model(name: str, method: str, **overrides) -> nn.Module:
         ``"anodev2_conf2"``.
       **overrides: knobs (see the module docstring; :data:`KNOBS`), e.g. ``steps_z=3``.
 
+    Returns:
+      A linen Module: ``model.init(key, x)`` with ``x`` of shape ``(N, 32, 32, 3)`` gives
+      ``{"params", "batch_stats"}``; ``model.apply(variables, x, train=...)`` the logits ``(N, 10)``.
+
     Raises:
       ValueError: unknown name, method or knob, or a bad knob value (before any compute).
+
+    Example:
+      >>> model = get_model("resnet4", "anodev2_conf2")  # Table 4's configuration 2 (Appendix B)
+      >>> model.config.steps_z, model.config.steps_w, model.config.schedule
+      (2, 10, 'endpoints')
     """
     ode.check_choice("name", name, MODELS)
     cfg = resolve_config(method, **overrides)

@@ -37,6 +37,7 @@ __all__ = [
     "check_num_steps",
     "check_choice",
     "check_leading_axis",
+    "check_state",
     "make_step",
     "tree_slice",
     "apply_f",
@@ -89,19 +90,31 @@ PyTree = Any
 
 
 def check_num_steps(name: str, value) -> None:
-    """Raise a ValueError unless ``value`` is a Python int >= 1 (a number of time steps)."""
+    """Raise a ValueError unless ``value`` is a Python int >= 1 (a number of time steps).
+
+    Example:
+      >>> check_num_steps("steps_z", 5)
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}={value!r} must be a Python int >= 1 (number of time steps on [0, 1])")
 
 
 def check_choice(name: str, value, allowed: Sequence[str]) -> None:
-    """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of them."""
+    """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of them.
+
+    Example:
+      >>> check_choice("solver", "rk4", SOLVERS)
+    """
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}")
 
 
 def check_leading_axis(tree: PyTree, name: str, num_steps: int) -> None:
-    """Raise a ValueError unless every leaf of ``tree`` has a leading axis of length ``num_steps``."""
+    """Raise a ValueError unless every leaf of ``tree`` has a leading axis of length ``num_steps``.
+
+    Example:
+      >>> check_leading_axis({"scale": jnp.ones((5, 16))}, "step_args", 5)
+    """
     for leaf in jax.tree_util.tree_leaves(tree):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_steps:
             raise ValueError(
@@ -111,18 +124,105 @@ def check_leading_axis(tree: PyTree, name: str, num_steps: int) -> None:
 
 
 def tree_slice(tree: PyTree, n: int) -> PyTree:
-    """Slice ``n`` of the leading axis of every leaf (step ``n``'s weights or ``step_args``)."""
+    """Slice ``n`` of the leading axis of every leaf (step ``n``'s weights or ``step_args``).
+
+    Example:
+      >>> tree_slice({"scale": jnp.ones((5, 16))}, 2)["scale"].shape
+      (16,)
+    """
     return jax.tree_util.tree_map(lambda a: a[n], tree)
 
 
+def check_state(z0, name: str = "z0") -> None:
+    """Refuse a state that is not one floating-point (or complex) array: a solve of ``dz/dt = f`` needs real arithmetic.
+
+    Why refuse rather than promote: an integer ``z0`` would make every step round to an
+    integer (``z + h * dz`` cast back to ``z``'s dtype, ``axpy``), a silent wrong answer;
+    promoting it ourselves would pick a float width for the caller (under strict dtype
+    promotion a user asks for exactly that not to happen). Cast it: ``z0.astype(jnp.float32)``.
+
+    Args:
+      z0: the initial state.
+      name: how the error names it.
+
+    Returns:
+      None; raises TypeError naming the dtype and the cast that fixes it.
+
+    Example:
+      >>> check_state(jnp.ones(3))
+      >>> check_state(jnp.ones(3, jnp.int32))
+      Traceback (most recent call last):
+      TypeError: z0 has dtype int32: the ODE state must be floating point (an integer state rounds every step); pass z0.astype(jnp.float32)
+    """
+    if not hasattr(z0, "dtype") and not isinstance(z0, (int, float, complex)):
+        raise TypeError(
+            f"{name} is a {type(z0).__name__}: the ODE state must be one array (e.g. NHWC activations); "
+            "pass jnp.asarray(...) of a floating dtype"
+        )
+    dtype = jnp.result_type(z0)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{name} has dtype {dtype}: the ODE state must be floating point (an integer state rounds every step); "
+            f"pass {name}.astype(jnp.float32)"
+        )
+
+
+def _describe(x) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of length {len(x)}"
+    if hasattr(x, "shape"):
+        return f"an array of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
 def apply_f(f, z, theta, args, has_aux):
-    """``(dz, aux)`` of the ODE function: ``f(z, theta[, args])``; aux is None without ``has_aux``."""
+    """``(dz, aux)`` of the ODE function: ``f(z, theta[, args])``; aux is None without ``has_aux``.
+
+    Checks the output's structure at trace time (free under ``jit``): with ``has_aux`` it
+    must be a pair ``(dz, aux)``, without it one array, and ``dz`` must have ``z``'s shape.
+    Unpacking a plain array of leading size 2 as ``(dz, aux)`` would give a wrong result
+    without an error, as would broadcasting a ``dz`` of another shape into ``z``.
+
+    Args:
+      f: the ODE function. z: the state (an array). theta: the weights. args: the step's
+        ``step_args`` slice, or None (then ``f(z, theta)``). has_aux: ``f`` returns ``(dz, aux)``.
+
+    Returns:
+      ``(dz, aux)``; ``dz`` has ``z``'s shape.
+
+    Example:
+      >>> apply_f(lambda z, th: -th * z, jnp.ones(3), 2.0, None, False)[0].shape
+      (3,)
+    """
     out = f(z, theta) if args is None else f(z, theta, args)
-    return out if has_aux else (out, None)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"has_aux=True but f returned {_describe(out)}, not a pair (dz, aux); "
+                "return (dz, aux) from f, or pass has_aux=False"
+            )
+        dz, aux = out
+    else:
+        if isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"f returned {_describe(out)}, not one array dz; if it returns (dz, aux) pass has_aux=True"
+            )
+        dz, aux = out, None
+    if hasattr(z, "shape") and jnp.shape(dz) != jnp.shape(z):
+        raise ValueError(
+            f"f returned dz of shape {jnp.shape(dz)} for a state z of shape {jnp.shape(z)}; dz/dt = f(z, theta) "
+            "must have z's shape"
+        )
+    return dz, aux
 
 
 def axpy(h, k, z):
-    """``z + h * k`` keeping ``z``'s dtype (``h`` is a Python float)."""
+    """``z + h * k`` keeping ``z``'s dtype (``h`` is a Python float).
+
+    Example:
+      >>> axpy(0.5, jnp.ones(2), jnp.zeros(2)).tolist()
+      [0.5, 0.5]
+    """
     return z + (h * k).astype(z.dtype)
 
 
@@ -345,7 +445,12 @@ def solve_steps(
 
 
 def stack_aux(auxs: Sequence[PyTree]) -> PyTree:
-    """Stack a list of per-step pytrees on a new leading axis."""
+    """Stack a list of per-step pytrees on a new leading axis.
+
+    Example:
+      >>> stack_aux([{"m": jnp.zeros(3)}, {"m": jnp.ones(3)}])["m"].shape
+      (2, 3)
+    """
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *auxs)
 
 
@@ -368,8 +473,11 @@ def odeint_fixed(
 
     Args:
       f: ``f(z, theta) -> dz`` (or ``f(z, theta, args_n)`` with ``step_args``; returning
-        ``(dz, aux)`` with ``has_aux``). Must preserve the shape and dtype of ``z``.
-      z0: initial activation, any array (or pytree supporting ``+`` and scalar ``*``).
+        ``(dz, aux)`` with ``has_aux``). ``dz`` must have ``z``'s shape (checked at trace
+        time, as is the pair structure ``has_aux`` promises); it is cast to ``z``'s dtype.
+      z0: initial activation, one floating-point (or complex) array of any shape. An
+        integer or bool ``z0`` is refused (TypeError): every step would round to an
+        integer; cast it, e.g. ``z0.astype(jnp.float32)``.
       theta: weight pytree. Static (q = 0: Neural ODE / ANODE), or with ``per_step=True``
         a pytree whose leaves carry a leading axis of length ``num_steps``; step ``n`` and
         all of its stages use slice ``n``.
@@ -383,11 +491,20 @@ def odeint_fixed(
         stacked over steps.
 
     Returns:
-      ``z(1)``, or ``(z(1), aux)`` with ``has_aux``.
+      ``z(1)`` (``z0``'s shape and dtype), or ``(z(1), aux)`` with ``has_aux`` (aux stacked
+      on a leading axis of length ``num_steps``).
+
+    Example:
+      >>> z1 = odeint_fixed(lambda z, a: -a * z, jnp.ones(3), 0.75, num_steps=1)  # one Euler step: 1 - 0.75
+      >>> z1.tolist()
+      [0.25, 0.25, 0.25]
+      >>> odeint_fixed(lambda z, a: -a * z, jnp.ones(3), 1.0, num_steps=10, solver="rk4").shape
+      (3,)
     """
     check_num_steps("num_steps", num_steps)
     check_choice("solver", solver, SOLVERS)
     check_choice("remat", remat, REMAT_MODES)
+    check_state(z0)
     if per_step:
         check_leading_axis(theta, "theta (per_step=True)", num_steps)
     if step_args is not None:
@@ -558,13 +675,19 @@ def odeint_diffrax(
         of its gradient error).
 
     Returns:
-      ``z(1)``.
+      ``z(1)``, ``z0``'s shape and dtype (``z0`` must be floating point, as in ``odeint_fixed``).
+
+    Example:
+      >>> z1 = odeint_diffrax(lambda z, a: -a * z, jnp.ones(3), 0.75, num_steps=1, adjoint="checkpoint")
+      >>> z1.tolist()
+      [0.25, 0.25, 0.25]
     """
     import diffrax  # local import: only this function needs it
 
     check_num_steps("num_steps", num_steps)
     check_choice("solver", solver, SOLVERS)
     check_choice("adjoint", adjoint, ("backsolve", "checkpoint"))
+    check_state(z0)
     if step_args is not None:
         check_leading_axis(step_args, "step_args", num_steps)
         if solver != "euler":

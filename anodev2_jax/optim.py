@@ -130,6 +130,7 @@ def create_optimizer(config, steps_per_epoch: int):
 
 
 def make_optimizer(spec: OptimizerSpec):
+    """:func:`create_optimizer` from an :class:`OptimizerSpec`: ``(tx, schedule)``."""
     schedule = learning_rate_schedule(spec, spec.steps_per_epoch)
     decay_rda = spec.decay_rda_coeffs
     parts = [

@@ -36,6 +36,9 @@ __all__ = [
     "linear_step",
     "evolve_weights",
     "check_coeffs",
+    "check_kernel",
+    "check_step_length",
+    "compute_dtype",
 ]
 
 Nonlinearity = Optional[Callable[[Array], Array]]
@@ -51,6 +54,17 @@ class RDACoeffs(NamedTuple):
       v: advection velocity, shape ``S + (2,)``; ``v[..., 0]`` pairs with kernel axis 0
         (``kh``) and ``v[..., 1]`` with axis 1 (``kw``).
       rho: reaction (exponential growth/decay rate), shape ``S``.
+
+    Every concrete coefficient must be finite (and ``d >= 0``): :func:`check_coeffs` refuses
+    NaN and inf where it can read the values; under ``jit`` they are traced and not read.
+    ``RDACoeffs`` is a leaf of ``coupled_block``'s evolution tree (Eq. B.4 with the block's
+    ``nonlinearity``), not an evolution operator (it has no ``step``).
+
+    Example:
+      >>> c = RDACoeffs(d=0.1, v=jnp.asarray([0.5, -0.2]), rho=0.0)  # one scalar set per kernel
+      >>> per_filter = RDACoeffs(jnp.full(4, 0.1), jnp.zeros((4, 2)), jnp.zeros(4))  # one per output filter
+      >>> evolve_weights(jnp.ones((3, 3, 2, 4)), per_filter, num_steps=2, dt=0.5).shape
+      (3, 3, 2, 4)
     """
 
     d: ArrayLike
@@ -59,7 +73,12 @@ class RDACoeffs(NamedTuple):
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...] = (), dtype=jnp.float32) -> "RDACoeffs":
-        """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``."""
+        """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``.
+
+        Example:
+          >>> RDACoeffs.zeros((4,)).v.shape
+          (4, 2)
+        """
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape + (2,), dtype), jnp.zeros(shape, dtype))
 
 
@@ -106,6 +125,75 @@ def check_coeffs(coeffs: RDACoeffs, kernel_shape: tuple[int, ...], *, name: str 
                 f"{name}.d = {d_min} is negative (or NaN): diffusion must be >= 0 "
                 "(backward diffusion is ill-posed); parameterize d with softplus when learning it"
             )
+    for field in ("d", "v", "rho"):
+        value = getattr(coeffs, field)
+        if _is_concrete(value):
+            bad = _first_non_finite(value)
+            if bad is not None:
+                raise ValueError(
+                    f"{name}.{field} = {bad} is not finite: every RDA coefficient must be a finite real number "
+                    "(the exact step exp(dt * lam) would be NaN or inf)"
+                )
+
+
+def _first_non_finite(x) -> Optional[float]:
+    """The first NaN/inf entry of a concrete array-like, or None when every entry is finite."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fc" or np.all(np.isfinite(a)):
+        return None
+    return a[~np.isfinite(a)].flat[0].item()
+
+
+def check_step_length(dt, *, name: str = "dt") -> None:
+    """Refuse a concrete step length that is negative or not finite (traced ``dt`` is not checked).
+
+    ``dt < 0`` runs the RDA step backwards in time, ``exp(-dt d |k|^2)``: backward
+    diffusion, which amplifies the highest frequencies without bound (refused for the same
+    reason as ``d < 0``). ``dt = 0`` is the identity.
+
+    Args:
+      dt: the step length (Python number or array).
+      name: how the error names it.
+
+    Returns:
+      None; raises ValueError naming the value and the fix.
+
+    Example:
+      >>> check_step_length(0.25)
+      >>> check_step_length(-0.25)
+      Traceback (most recent call last):
+      ValueError: dt = -0.25 is negative: a step runs forward in time (dt >= 0; dt < 0 is backward diffusion, ill-posed); use dt = 1 / num_steps
+    """
+    if isinstance(dt, jax.core.Tracer):
+        return
+    a = np.asarray(dt)
+    if a.dtype.kind not in "iuf" or a.ndim != 0:
+        raise TypeError(f"{name} = {dt!r} must be a real scalar (a step length), got {a.dtype} of shape {a.shape}")
+    value = a.item()
+    if not np.isfinite(value):
+        raise ValueError(f"{name} = {value} is not finite; use a finite step length such as dt = 1 / num_steps")
+    if value < 0:
+        raise ValueError(
+            f"{name} = {value} is negative: a step runs forward in time (dt >= 0; dt < 0 is backward diffusion, "
+            "ill-posed); use dt = 1 / num_steps"
+        )
+
+
+def compute_dtype(dtype):
+    """The real dtype the FFT and the exact step run in for a kernel of ``dtype``: float32 for float16 / bfloat16.
+
+    There is no half-precision complex type (``jnp.fft`` and ``lax.complex`` accept float32
+    and float64 only), so a half-precision kernel is evolved in float32 and each step's
+    result is rounded back to the kernel's dtype: each step then adds one rounding to half
+    precision (relative ``2^-11`` for float16, ``2^-8`` for bfloat16) on top of the float32
+    step. float32 and float64 kernels run in their own dtype, unchanged.
+
+    Example:
+      >>> compute_dtype(jnp.bfloat16), compute_dtype(jnp.float32)
+      (dtype('float32'), dtype('float32'))
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) else dtype
 
 
 def wavenumbers(n: int, dtype=jnp.float32) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
@@ -137,10 +225,16 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
     Args:
       spatial_shape: ``(kh, kw)``.
       coeffs: ``RDACoeffs`` with batch shape ``S``.
-      dtype: real dtype of the kernel (float32 -> complex64, float64 -> complex128).
+      dtype: real dtype of the kernel (float32 -> complex64, float64 -> complex128; float16
+        and bfloat16 -> complex64, see :func:`compute_dtype`).
 
     Returns:
       Complex array of shape ``(kh, kw) + S``.
+
+    Example:
+      >>> lam = spectral_symbol((3, 3), RDACoeffs(0.1, jnp.zeros(2), 0.0))
+      >>> lam.shape, lam.dtype, float(lam[0, 0].real)  # k = 0: no diffusion, no advection
+      ((3, 3), dtype('complex64'), 0.0)
 
     Sign of advection: ``+ v . grad(w)`` transports the field towards *negative* indices:
     with ``v = (1, 0)`` and ``t = 1`` the exact step is ``roll(w, -1, axis=0)``. The
@@ -148,6 +242,7 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
     complex64 and a float64 kernel in complex128.
     """
     kh, kw = spatial_shape
+    dtype = compute_dtype(dtype)
     k0, k0_adv = wavenumbers(kh, dtype)
     k1, k1_adv = wavenumbers(kw, dtype)
     d = jnp.asarray(coeffs.d, dtype)
@@ -165,9 +260,21 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
 
 
 def rda_multiplier(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dtype=jnp.float32) -> Complex[Array, "kh kw ..."]:
-    """The exact propagator ``exp(dt * lam(k))`` of one linear RDA step (Eq. B.3)."""
+    """The exact propagator ``exp(dt * lam(k))`` of one linear RDA step (Eq. B.3).
+
+    Args:
+      spatial_shape: ``(kh, kw)``. coeffs: ``RDACoeffs`` of batch shape ``S``. dt: step length.
+      dtype: the kernel's real dtype (half precision computes in float32: :func:`compute_dtype`).
+
+    Returns:
+      Complex array of shape ``(kh, kw) + S``.
+
+    Example:
+      >>> rda_multiplier((4, 4), RDACoeffs(0.1, jnp.zeros(2), 0.0), 0.5).shape
+      (4, 4)
+    """
     lam = spectral_symbol(spatial_shape, coeffs, dtype)
-    return jnp.exp(lam * jnp.asarray(dt, dtype).astype(lam.dtype))
+    return jnp.exp(lam * jnp.asarray(dt, compute_dtype(dtype)).astype(lam.dtype))
 
 
 def align(m: Array, ndim: int) -> Array:
@@ -180,9 +287,22 @@ def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."
     """``Re IFFT2(m * FFT2(w))`` over the two leading (spatial) axes (the Fourier-space step of Eq. B.3).
 
     For a Hermitian-symmetric ``m`` (every symbol built by :func:`spectral_symbol`) the
-    imaginary part is round-off and taking the real part is exact.
+    imaginary part is round-off and taking the real part is exact. A float16 / bfloat16
+    ``w`` is transformed in float32 and the result rounded back (:func:`compute_dtype`).
+
+    Args:
+      w: kernel, shape ``(kh, kw, ...)``. m: multiplier, shape ``(kh, kw) + S`` (:func:`align` places ``S``).
+
+    Returns:
+      Array of ``w``'s shape and dtype.
+
+    Example:
+      >>> w = jnp.arange(9.0).reshape(3, 3)
+      >>> m = rda_multiplier((3, 3), RDACoeffs.zeros(), 0.5, w.dtype)  # lam = 0: m = 1, the identity
+      >>> bool(jnp.allclose(apply_multiplier(w, m), w))
+      True
     """
-    w_hat = jnp.fft.fft2(w, axes=(0, 1))
+    w_hat = jnp.fft.fft2(w.astype(compute_dtype(w.dtype)), axes=(0, 1))
     return jnp.real(jnp.fft.ifft2(align(m, w.ndim) * w_hat, axes=(0, 1))).astype(w.dtype)
 
 
@@ -258,21 +378,55 @@ def apply_matrix(w: Float[Array, "kh kw ..."], p: Float[Array, "... K K"]) -> Fl
 
 
 def linear_step(w: Float[Array, "kh kw ..."], coeffs: RDACoeffs, dt) -> Float[Array, "kh kw ..."]:
-    """One exact linear RDA step of length ``dt`` (Eq. B.3): ``IFFT2(exp(dt lam) FFT2(w))``."""
-    _check_kernel(w)
+    """One exact linear RDA step of length ``dt`` (Eq. B.3): ``IFFT2(exp(dt lam) FFT2(w))``.
+
+    Args:
+      w: kernel ``(kh, kw[, cin, cout])``, real floating point (half precision runs in float32).
+      coeffs: ``RDACoeffs`` (finite; ``d >= 0``). dt: step length (a concrete one must be finite, ``>= 0``).
+
+    Returns:
+      The kernel after the step, ``w``'s shape and dtype.
+
+    Example:
+      >>> w = jnp.zeros((3, 3)).at[1, 1].set(1.0)
+      >>> round(float(linear_step(w, RDACoeffs(0.0, jnp.zeros(2), 1.0), 0.5)[1, 1]), 6)  # pure reaction: e^{rho dt}
+      1.648721
+    """
+    check_kernel(w)
     check_coeffs(coeffs, w.shape)
+    check_step_length(dt)
     return apply_multiplier(w, rda_multiplier(w.shape[:2], coeffs, dt, w.dtype))
 
 
-def _check_kernel(w) -> None:
+def check_kernel(w, *, name: str = "kernel") -> None:
+    """Validate a kernel that evolves: rank 2-4 with the two spatial axes first (HWIO), non-empty, real floating point.
+
+    Args:
+      w: the kernel, shape ``(kh, kw)``, ``(kh, kw, c)`` or ``(kh, kw, cin, cout)``.
+      name: how the error names it.
+
+    Returns:
+      None; raises ValueError (shape) or TypeError (dtype) naming the fix.
+
+    Example:
+      >>> check_kernel(jnp.zeros((3, 3, 2, 4)))
+      >>> check_kernel(jnp.zeros((0, 3)))
+      Traceback (most recent call last):
+      ValueError: kernel has shape (0, 3): a spatial axis of size 0 has nothing to evolve; both spatial axes (kh, kw) must have size >= 1
+    """
     if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
         shape = getattr(w, "shape", type(w).__name__)
         raise ValueError(
-            f"kernel has shape {shape}: expected rank 2 (kh, kw), 3 or 4 (kh, kw, cin, cout) "
+            f"{name} has shape {shape}: expected rank 2 (kh, kw), 3 or 4 (kh, kw, cin, cout) "
             "with the two spatial axes first (Flax HWIO layout)"
         )
+    if min(w.shape[:2]) < 1:
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)}: a spatial axis of size 0 has nothing to evolve; "
+            "both spatial axes (kh, kw) must have size >= 1"
+        )
     if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"kernel dtype must be real floating point, got {w.dtype}")
+        raise TypeError(f"{name} dtype must be real floating point, got {w.dtype}")
 
 
 def evolve_weights(
@@ -291,36 +445,51 @@ def evolve_weights(
     solution of the linear PDE (Eq. B.3), a semigroup in ``dt``.
 
     Args:
-      w0: kernel, shape ``(kh, kw)`` or HWIO ``(kh, kw, cin, cout)``; real floating dtype.
+      w0: kernel, shape ``(kh, kw)`` or HWIO ``(kh, kw, cin, cout)`` (both spatial sizes
+        ``>= 1``); real floating dtype. float16 / bfloat16 kernels are evolved in float32
+        and every step's result is rounded back to ``w0``'s dtype (:func:`compute_dtype`).
       coeffs: ``RDACoeffs``; scalars per kernel or arrays broadcastable to ``(cin, cout)``.
-        A concrete negative ``d`` is rejected (``ValueError``).
+        Concrete coefficients must be finite and ``d >= 0`` (``ValueError``); traced ones
+        (under ``jit``) are not checked.
       num_steps: number of steps (static int, ``>= 0``).
-      dt: step length (the paper uses ``1 / num_steps``).
+      dt: step length (the paper uses ``1 / num_steps``); a concrete ``dt`` must be finite
+        and ``>= 0`` (``dt < 0`` is backward diffusion).
       nonlinearity: elementwise ``sigma`` applied after each linear step, or None.
       trajectory: if True return all ``num_steps + 1`` kernels stacked on a new leading
         axis; index 0 is ``w0`` itself, untouched.
 
     Returns:
-      The final kernel (same shape and dtype as ``w0``), or the stacked trajectory.
+      The final kernel (same shape and dtype as ``w0``), or the stacked trajectory, shape
+      ``(num_steps + 1,) + w0.shape``.
+
+    Example:
+      >>> w0 = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4))
+      >>> c = RDACoeffs(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0)
+      >>> evolve_weights(w0, c, num_steps=5, dt=0.2, trajectory=True).shape
+      (6, 3, 3, 2, 4)
     """
-    _check_kernel(w0)
+    check_kernel(w0)
     check_coeffs(coeffs, w0.shape)
+    check_step_length(dt)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps={num_steps!r} must be a non-negative Python int")
     if nonlinearity is not None and not callable(nonlinearity):
         raise TypeError(f"nonlinearity={nonlinearity!r} must be callable or None")
-    # The propagator is built once and reused by every step.
+    # The propagator is built once and reused by every step, in the compute dtype (float32
+    # for half-precision kernels, else the kernel's own: then the casts below are no-ops).
+    cdt = compute_dtype(w0.dtype)
     if use_matrix(w0.shape, np.shape(coeffs.d)):
-        p = propagator_matrix(w0.shape[:2], coeffs, dt, w0.dtype)
+        p = propagator_matrix(w0.shape[:2], coeffs, dt, cdt)
         step = lambda w: apply_matrix(w, p)
     else:
-        m = rda_multiplier(w0.shape[:2], coeffs, dt, w0.dtype)
+        m = rda_multiplier(w0.shape[:2], coeffs, dt, cdt)
         step = lambda w: apply_multiplier(w, m)
     ws = [w0]
     w = w0
     for _ in range(num_steps):
-        w = step(w)
+        u = step(w.astype(cdt))
         if nonlinearity is not None:
-            w = nonlinearity(w)
+            u = nonlinearity(u)
+        w = u.astype(w0.dtype)
         ws.append(w)
     return jnp.stack(ws) if trajectory else w

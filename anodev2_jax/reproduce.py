@@ -608,6 +608,7 @@ def evolution_record(workdir: str | Path, config) -> Optional[dict[str, Any]]:
 
 
 def parse_tables(values: Sequence[str]) -> list[int | str]:
+    """The ``--table`` values: the table numbers (sorted, ``"all"`` is every table), then ``"evolution"`` if asked for."""
     out: list[int | str] = []
     for v in values:
         if v == "all":

@@ -221,6 +221,7 @@ def config_dict(config) -> dict[str, Any]:
 
 
 def json_default(o):
+    """``json.dumps``'s ``default``: NumPy scalars as Python numbers, anything else a TypeError."""
     if isinstance(o, (np.integer, np.floating, np.bool_)):
         return o.item()
     raise TypeError(f"{type(o).__name__} is not JSON serializable")

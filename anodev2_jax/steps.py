@@ -139,10 +139,12 @@ def init_train_state(model, tx, seeds: Sequence[int], mesh: jax.sharding.Mesh) -
 
 
 def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy of ``logits`` ``(N, classes)`` against integer ``labels`` ``(N,)``, in float32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def correct(logits, labels):
+    """Per-example 1.0 / 0.0: the arg-max of ``logits`` ``(N, classes)`` equals ``labels`` ``(N,)``."""
     return (jnp.argmax(logits, axis=-1).astype(labels.dtype) == labels).astype(jnp.float32)
 
 

@@ -37,8 +37,19 @@ def _real_dtype(x, name: str):
     return dtype
 
 
+def _check_scalar(x, name: str) -> None:
+    if x.ndim != 0:
+        raise ValueError(f"{name} has shape {x.shape}; it must be a scalar, shape ()")
+    _real_dtype(x, name)
+
+
 def is_time_kernel(x) -> bool:
-    """Whether ``x`` is a time kernel (duck-typed: a callable ``weights``)."""
+    """Whether ``x`` is a time kernel (K of Eq. 2.3d; duck-typed: a callable ``weights``, any pytree kind).
+
+    Example:
+      >>> is_time_kernel(DiracKernel()), is_time_kernel(None), is_time_kernel("exponential")
+      (True, False, False)
+    """
     return x is not None and callable(getattr(x, "weights", None))
 
 
@@ -62,11 +73,15 @@ class AbstractTimeKernel(eqx.Module):
 
 
 class DiracKernel(AbstractTimeKernel):
-    """``K = delta``: ``theta(t_n) = w(t_n)`` (configurations 1 and 2 of the paper).
+    """``K = delta`` in Eq. 2.3d: ``theta(t_n) = w(t_n)`` (configurations 1 and 2 of the paper).
 
     ``coupled_block(..., time_kernel=None)`` selects the trajectory entries directly (bit
     for bit the behaviour without kernels); ``DiracKernel()`` goes through the weighted
-    sum with one-hot weights and equals it to round-off.
+    sum with one-hot weights and equals it to round-off. No parameters.
+
+    Example:
+      >>> DiracKernel().weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
+      [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
 
     def weights(self, t, tau):
@@ -75,7 +90,7 @@ class DiracKernel(AbstractTimeKernel):
 
 
 class ExponentialKernel(AbstractTimeKernel):
-    """Normalized exponentially weighted average of the weights so far: ``dtheta/dt = rate (w - theta)``, ``theta(0) = w0``.
+    """Eq. 2.3d's normalized exponentially weighted average of the weights so far: ``dtheta/dt = rate (w - theta)``, ``theta(0) = w0``.
 
     Continuous form: ``K(s) = rate e^{-rate s}`` plus the mass ``e^{-rate t}`` on ``w0``
     (so the weights sum to 1: ``theta`` is an average, not a decaying integral).
@@ -98,28 +113,72 @@ class ExponentialKernel(AbstractTimeKernel):
     ``theta_n`` ignore ``w_{idx_n}``. ``1 - e^{-x}`` is computed as ``-expm1(-x)``
     (accurate for small ``rate dt``).
 
+    Parameterization: the learnable leaf is ``log_rate`` and ``rate = exp(log_rate)`` (a
+    property), so every value a gradient step can produce is a valid kernel: a raw
+    ``rate`` leaf trained under ``jit`` (where nothing can check it) could step to
+    ``rate <= 0``, a kernel that amplifies old weights without bound. ``ExponentialKernel(rate)``
+    keeps its meaning (it stores ``log(rate)``; a concrete ``rate`` must be finite and > 0);
+    :meth:`from_log_rate` takes the log directly (the models' ``time_log_rate`` parameter,
+    bit for bit). Gradients come back as an ``ExponentialKernel`` whose ``log_rate`` holds
+    ``dJ/dlog_rate = rate * dJ/drate``: read ``grad.log_rate``; ``grad.rate`` (the
+    exponential of a gradient) means nothing.
+
     Attributes:
-      rate: learnable scalar, must be > 0 (checked when concrete; parameterize a learned
-        rate with softplus).
+      log_rate: learnable scalar, shape ``()``, real floating point (``rate``'s dtype).
+
+    Example:
+      >>> kernel = ExponentialKernel(2.0)
+      >>> kappa = kernel.weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5]))
+      >>> kappa.shape, bool(jnp.allclose(kappa.sum(axis=1), 1.0)), bool(jnp.isclose(kernel.rate, 2.0))
+      ((2, 3), True, True)
     """
 
-    rate: Array
+    log_rate: Array
 
-    def __init__(self, rate):
-        rate = jnp.asarray(rate)
-        if rate.ndim != 0:
-            raise ValueError(f"ExponentialKernel: rate has shape {rate.shape}; it must be a scalar, shape ()")
-        _real_dtype(rate, "ExponentialKernel: rate")
-        if _is_concrete(rate) and not float(rate) > 0.0:  # also catches NaN
+    def __init__(self, rate=None, *, log_rate=None):
+        """``ExponentialKernel(rate)`` with a scalar ``rate > 0``, or ``ExponentialKernel(log_rate=x)`` (see :meth:`from_log_rate`).
+
+        Concrete values are checked (``rate`` finite and > 0, ``log_rate`` finite); traced
+        ones cannot be, and need not be for ``log_rate``.
+        """
+        if (rate is None) == (log_rate is None):
+            raise TypeError("ExponentialKernel: pass exactly one of rate (> 0) or log_rate=... (rate = exp(log_rate))")
+        if log_rate is not None:
+            log_rate = jnp.asarray(log_rate)
+            _check_scalar(log_rate, "ExponentialKernel: log_rate")
+            if _is_concrete(log_rate) and not np.isfinite(float(log_rate)):
+                raise ValueError(
+                    f"ExponentialKernel: log_rate={float(log_rate)} must be finite (rate = exp(log_rate) in (0, inf))"
+                )
+            self.log_rate = log_rate
+            return
+        rate = jnp.asarray(float(rate) if isinstance(rate, int) and not isinstance(rate, bool) else rate)
+        _check_scalar(rate, "ExponentialKernel: rate")
+        if _is_concrete(rate) and not 0.0 < float(rate) < np.inf:  # also catches NaN
             raise ValueError(
-                f"ExponentialKernel: rate={float(rate)} must be > 0 (rate -> 0 holds theta = w0, "
-                "rate -> inf is DiracKernel()); parameterize a learned rate with softplus"
+                f"ExponentialKernel: rate={float(rate)} must be finite and > 0 (rate -> 0 holds theta = w0, "
+                "rate -> inf is DiracKernel()); learn it as ExponentialKernel.from_log_rate(log_rate)"
             )
-        self.rate = rate
+        self.log_rate = jnp.log(rate)
+
+    @classmethod
+    def from_log_rate(cls, log_rate) -> "ExponentialKernel":
+        """The kernel with ``rate = exp(log_rate)``, ``log_rate`` a scalar (stored as given: no ``log(exp(x))`` round trip).
+
+        Example:
+          >>> bool(jnp.isclose(ExponentialKernel.from_log_rate(jnp.log(3.0)).rate, 3.0))
+          True
+        """
+        return cls(log_rate=log_rate)
+
+    @property
+    def rate(self) -> Array:
+        """``exp(log_rate)``, shape ``()`` (> 0 for every finite ``log_rate``)."""
+        return jnp.exp(self.log_rate)
 
     def weights(self, t, tau):
         t, tau = np.asarray(t, np.float64), np.asarray(tau, np.float64)
-        dtype = jnp.result_type(self.rate)
+        dtype = jnp.result_type(self.log_rate)
         r = self.rate
         causal = tau[None, :] <= t[:, None]
         lag = jnp.asarray(np.maximum(t[:, None] - tau[None, :], 0.0), dtype)  # clipped: no exp overflow off the support
@@ -130,7 +189,7 @@ class ExponentialKernel(AbstractTimeKernel):
 
 
 class DiscreteKernel(AbstractTimeKernel):
-    """One learnable weight per lag on the grid: ``kappa[n, m] = values[idx_n - m]`` for ``0 <= idx_n - m < len(values)``.
+    """Eq. 2.3d with one learnable weight per lag on the grid: ``kappa[n, m] = values[idx_n - m]`` for ``0 <= idx_n - m < len(values)``.
 
     Entries with other lags are 0 (causal by construction). ``values = (1, 0, ...)`` is the
     Dirac kernel; ``(1/L, ..., 1/L)`` a moving average of the last ``L`` weights. The
@@ -138,7 +197,12 @@ class DiscreteKernel(AbstractTimeKernel):
 
     Attributes:
       values: learnable, shape ``(L,)``, ``L >= 1``; ``values[k]`` weights the weight ``k``
-        grid steps back.
+        grid steps back. Concrete values must be finite.
+
+    Example:
+      >>> moving_average = DiscreteKernel(jnp.asarray([0.5, 0.5]))  # theta_n = (w_{idx_n} + w_{idx_n - 1}) / 2
+      >>> moving_average.weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
+      [[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]
     """
 
     values: Array
@@ -151,6 +215,9 @@ class DiscreteKernel(AbstractTimeKernel):
                 "(values[k] weights the weight k grid steps back)"
             )
         _real_dtype(values, "DiscreteKernel: values")
+        if _is_concrete(values) and not np.all(np.isfinite(np.asarray(values))):
+            k = int(np.argmin(np.isfinite(np.asarray(values))))
+            raise ValueError(f"DiscreteKernel: values[{k}] = {float(values[k])}; every lag weight must be finite")
         self.values = values
 
     def weights(self, t, tau):
@@ -171,7 +238,20 @@ def check_time_kernel(kernel, t, tau, *, name: str = "time_kernel") -> None:
     the kernel's own when its leaves are concrete, otherwise (leaves traced, e.g. under
     ``jit``) on a probe with every traced leaf replaced by ones of its shape and dtype, which
     checks the kernel's zero pattern (a kernel whose support depends on its parameter
-    values cannot be checked under ``jit``).
+    values cannot be checked under ``jit``). With concrete leaves the weights must also be
+    finite (a NaN or inf parameter is refused here, not returned as a NaN block output);
+    traced leaves cost nothing here (no value is read).
+
+    Args:
+      kernel: the time kernel (any pytree with ``weights``).
+      t, tau: the grids of :func:`anodev2_jax.trajectory.kernel_grid` (concrete, float64).
+      name: how the error names the kernel.
+
+    Returns:
+      None; raises TypeError (not a time kernel) or ValueError (shape, dtype, causality, finiteness).
+
+    Example:
+      >>> check_time_kernel(DiscreteKernel(jnp.asarray([0.5, 0.5])), np.array([0.0, 0.5]), np.array([0.0, 0.5]))
     """
     if not is_time_kernel(kernel):
         raise TypeError(
@@ -188,9 +268,16 @@ def check_time_kernel(kernel, t, tau, *, name: str = "time_kernel") -> None:
             "(one row per activation step, one column per weight-grid point)"
         )
     _real_dtype(out, f"{name}.weights(t, tau)")
+    traced = any(not _is_concrete(x) for x in jax.tree_util.tree_leaves(kernel))
     with jax.ensure_compile_time_eval():
         probe = jax.tree_util.tree_map(lambda x: np.ones(x.shape, x.dtype) if not _is_concrete(x) else x, kernel)
         kappa = np.asarray(probe.weights(t, tau))
+    if not traced and not np.all(np.isfinite(kappa)):
+        n, m = np.argwhere(~np.isfinite(kappa))[0]
+        raise ValueError(
+            f"{name}.weights(t, tau) has kappa[{n}, {m}] = {kappa[n, m]}: its parameters are NaN or inf "
+            f"(a {type(kernel).__name__}); every quadrature weight of Eq. 2.3d must be finite"
+        )
     bad = np.argwhere((tau[None, :] > t[:, None]) & (kappa != 0))
     if len(bad):
         n, m = bad[0]

@@ -18,7 +18,7 @@ import numpy as np
 
 from anodev2_jax import ode
 from anodev2_jax.evolution import check_operator, evolve, is_operator
-from anodev2_jax.rda import RDACoeffs, check_coeffs, evolve_weights
+from anodev2_jax.rda import RDACoeffs, check_coeffs, check_kernel, evolve_weights
 from anodev2_jax.time_kernels import check_time_kernel
 
 __all__ = [
@@ -51,6 +51,18 @@ def trajectory_indices(steps_z: int, steps_w: int, schedule: str) -> tuple[int, 
     * ``schedule="endpoints"`` (configuration 2, Appendix B): ``tau_n = n / (steps_z - 1)``
       (``tau_0 = 0`` if ``steps_z == 1``). ``steps_z = 2, steps_w = 10`` is the paper's: the
       first step uses ``w(0)``, the second ``w(1)`` after 10 evolution steps.
+
+    Args:
+      steps_z: activation steps (Python int >= 1).
+      steps_w: weight steps of the trajectory (Python int >= 1).
+      schedule: ``"aligned"`` or ``"endpoints"``.
+
+    Returns:
+      A tuple of ``steps_z`` Python ints in ``[0, steps_w]``, non-decreasing.
+
+    Example:
+      >>> trajectory_indices(5, 5, "aligned"), trajectory_indices(2, 10, "endpoints")
+      ((0, 1, 2, 3, 4), (0, 10))
     """
     ode.check_num_steps("steps_z", steps_z)
     ode.check_num_steps("steps_w", steps_w)
@@ -138,6 +150,7 @@ def split_tree(theta0: PyTree, evolution: PyTree, *, dt: float = 1.0):
                     f"theta0{path} has RDACoeffs but shape {jnp.shape(w)}: only kernels of rank 2-4 "
                     "(kh, kw[, cin, cout]) can evolve; give it None in coeffs to hold it static"
                 )
+            check_kernel(w, name=f"theta0{path}")
             check_coeffs(c, w.shape, name=f"coeffs{path}")
         elif is_operator(c):
             check_operator(c, w, dt, name=f"evolution{path}")

@@ -1,12 +1,18 @@
 """Shared test helpers: one tolerance helper with per-dtype defaults (STYLE.md 8), small models, tiny runs."""
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
+from typing import NamedTuple
 
+import equinox as eqx
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from configs import default
+from flax import nnx
 
 # Defaults per dtype: float64 results of the same computation differ only by round-off.
 _RTOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
@@ -161,6 +167,79 @@ def make_kernel(name, dtype=jnp.float64):
         "exponential": lambda: ExponentialKernel(jnp.asarray(1.7, dtype)),
         "discrete": lambda: DiscreteKernel(jnp.asarray([0.6, 0.3, -0.2], dtype)),
     }[name]()
+
+
+# ---- every pytree kind is an operator: the same q, one Euler step of user_q, in five containers -----
+
+OPERATOR_KINDS = ("namedtuple", "dataclass", "equinox", "flax_struct", "nnx")
+
+
+def user_q_euler(a, b, w, dt):
+    """One Euler step of :func:`user_q`: the ``step`` every operator kind below shares."""
+    return w + dt * user_q(w, {"a": a, "b": b})
+
+
+class NamedTupleOp(NamedTuple):
+    """An operator as a ``typing.NamedTuple`` (the most common JAX parameter container; RDACoeffs is one)."""
+
+    a: jax.Array
+    b: jax.Array
+
+    def step(self, w, dt):
+        return user_q_euler(self.a, self.b, w, dt)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "b"], meta_fields=["substeps"])
+@dataclasses.dataclass(frozen=True)
+class DataclassOp:
+    """A dataclass registered with ``jax.tree_util.register_dataclass``; ``substeps`` is static metadata."""
+
+    a: jax.Array
+    b: jax.Array
+    substeps: int = 1
+
+    def step(self, w, dt):
+        for _ in range(self.substeps):  # a Python loop: substeps must be static, not a traced leaf
+            w = user_q_euler(self.a, self.b, w, dt / self.substeps)
+        return w
+
+
+class EquinoxOp(eqx.Module):
+    a: jax.Array
+    b: jax.Array
+
+    def step(self, w, dt):
+        return user_q_euler(self.a, self.b, w, dt)
+
+
+@flax.struct.dataclass
+class FlaxStructOp:
+    a: jax.Array
+    b: jax.Array
+    substeps: int = flax.struct.field(pytree_node=False, default=1)
+
+    def step(self, w, dt):
+        for _ in range(self.substeps):
+            w = user_q_euler(self.a, self.b, w, dt / self.substeps)
+        return w
+
+
+class NNXOp(nnx.Module):
+    """A Flax NNX module: a JAX pytree since Flax 0.11, its ``nnx.Param`` values the leaves."""
+
+    def __init__(self, a, b):
+        self.a = nnx.Param(a)
+        self.b = nnx.Param(b)
+
+    def step(self, w, dt):
+        return user_q_euler(self.a[...], self.b[...], w, dt)
+
+
+def make_operator_kind(kind, dtype=jnp.float64, a=0.7, b=0.4):
+    """The operator ``w -> user_q_euler(a, b, w, dt)`` as a pytree of ``kind`` (:data:`OPERATOR_KINDS`)."""
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    return {"namedtuple": NamedTupleOp, "dataclass": DataclassOp, "equinox": EquinoxOp, "flax_struct": FlaxStructOp,
+            "nnx": NNXOp}[kind](a, b)  # fmt: skip
 
 
 def tiny_f(z, theta):

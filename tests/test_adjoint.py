@@ -6,12 +6,15 @@ order, so they agree to round-off; we require <= 1e-8 relative (the issue's boun
 round-off ~1e-16 |J| / eps ~ 1e-11, so <= 1e-6 relative is a tight but safe bound.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anodev2_jax import RDACoeffs, coupled_block, discrete_adjoint
+from anodev2_jax import DiscreteKernel, RDACoeffs, coupled_block, discrete_adjoint
+from anodev2_jax.adjoint import AdjointGradients
 
 from helpers import max_rel_err, small_conv_f, small_problem
 
@@ -40,7 +43,8 @@ def adjoint_grads(z0, theta, coeffs, steps_z, steps_w, schedule, nonlinearity=jn
     kw = dict(steps_z=steps_z, steps_w=steps_w, schedule=schedule, nonlinearity=nonlinearity)
     z1 = coupled_block(small_conv_f, z0, theta, coeffs, **kw)
     z1_bar = jax.grad(objective)(z1)  # dJ/dz(1): the terminal condition of Eq. 2.5a
-    _, (z0_bar, theta_bar, coeffs_bar, _) = discrete_adjoint(small_conv_f, z0, theta, coeffs, z1_bar, **kw)
+    _, g = discrete_adjoint(small_conv_f, z0, theta, coeffs, z1_bar, order="inputs", **kw)
+    z0_bar, theta_bar, coeffs_bar = g.z0, g.theta0, g.evolution
     return z0_bar, theta_bar, coeffs_bar
 
 
@@ -162,3 +166,35 @@ def test_discrete_path_with_step_args_and_aux():
     auto = jax.grad(loss, argnums=(0, 1, 2, 3))(z0, theta, coeffs, scales, "autodiff")
     disc = jax.grad(loss, argnums=(0, 1, 2, 3))(z0, theta, coeffs, scales, "discrete")
     assert max_rel_err(disc, auto) <= 1e-8
+
+
+@pytest.mark.exact
+def test_discrete_adjoint_returns_gradients_in_coupled_blocks_input_order():
+    # order="inputs": (z0, theta0, evolution, time_kernel, step_args), always five entries;
+    # the old layout (kernel after step_args, four entries without a kernel) stays for one
+    # release under order="legacy", and is the default with a FutureWarning
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(6))
+    kernel = DiscreteKernel(jnp.asarray([0.6, 0.4], F64))
+    scales = jnp.asarray([0.5, 1.5], F64)
+    f = lambda z, th, s: s * small_conv_f(z, th)
+    kw = dict(steps_z=2, steps_w=4, schedule="endpoints", step_args=scales)
+    z1 = coupled_block(f, z0, theta, coeffs, time_kernel=kernel, **kw)
+    z1_bar = jax.grad(objective)(z1)
+    loss = lambda *a: objective(coupled_block(f, a[0], a[1], a[2], time_kernel=a[3], steps_z=2, steps_w=4, schedule="endpoints", step_args=a[4]))
+    auto = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(z0, theta, coeffs, kernel, scales)
+
+    _, new = discrete_adjoint(f, z0, theta, coeffs, z1_bar, time_kernel=kernel, order="inputs", **kw)
+    assert isinstance(new, AdjointGradients) and new._fields == ("z0", "theta0", "evolution", "time_kernel", "step_args")
+    assert max_rel_err(tuple(new), auto) <= 1e-8
+    assert isinstance(new.time_kernel, DiscreteKernel) and new.step_args.shape == (2,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit order warns nothing
+        _, legacy = discrete_adjoint(f, z0, theta, coeffs, z1_bar, time_kernel=kernel, order="legacy", **kw)
+    assert len(legacy) == 5 and max_rel_err(legacy, (new.z0, new.theta0, new.evolution, new.step_args, new.time_kernel)) == 0
+    with pytest.warns(FutureWarning, match=r"pass order='inputs' to get it now"):
+        _, default = discrete_adjoint(f, z0, theta, coeffs, z1_bar, **kw)
+    assert len(default) == 4  # legacy without a kernel: (z0, theta0, evolution, step_args)
+    _, no_kernel = discrete_adjoint(f, z0, theta, coeffs, z1_bar, order="inputs", **kw)
+    assert no_kernel.time_kernel is None and max_rel_err(default, (no_kernel.z0, no_kernel.theta0, no_kernel.evolution, no_kernel.step_args)) == 0
+    with pytest.raises(ValueError, match=r"order='kernel_last' is not supported; use one of 'inputs', 'legacy'"):
+        discrete_adjoint(f, z0, theta, coeffs, z1_bar, order="kernel_last", **kw)

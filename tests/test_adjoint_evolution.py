@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anodev2_jax import coupled_block, discrete_adjoint
+from anodev2_jax import ODEEvolution, coupled_block, discrete_adjoint
 
-from helpers import KERNELS, OPERATORS, make_kernel, max_rel_err, tiny_f, tiny_problem
+from helpers import KERNELS, OPERATOR_KINDS, OPERATORS, make_kernel, make_operator_kind, max_rel_err, tiny_f, tiny_problem, user_q
 
 SCHEDULES = {"aligned": (2, 2), "endpoints": (2, 2)}  # (steps_z, steps_w): indices (0, 1) and (0, 2)
 EPS = 1e-5
@@ -54,8 +54,8 @@ def hand_grads(z0, theta, evolution, kernel, schedule, z1_bar):
     """The hand-written adjoint's gradients for the output cotangent ``z1_bar``."""
     steps_z, steps_w = SCHEDULES[schedule]
     kw = dict(steps_z=steps_z, steps_w=steps_w, schedule=schedule, time_kernel=kernel)
-    _, grads = discrete_adjoint(tiny_f, z0, theta, evolution, z1_bar, **kw)
-    return grads[0], grads[1], grads[2], (None if kernel is None else grads[4])
+    _, grads = discrete_adjoint(tiny_f, z0, theta, evolution, z1_bar, order="inputs", **kw)
+    return grads[:4]  # (z0, theta0, evolution, time_kernel): the order of the block's inputs
 
 
 def random_like(tree, rng):
@@ -170,3 +170,41 @@ def test_forward_under_jit_and_vmap_matches_eager():
     per_example = jax.jit(jax.vmap(block, in_axes=(0, None, None, None)))(z0[:, None], theta, evolution, kernel)[:, 0]
     np.testing.assert_allclose(jitted, eager, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(per_example, eager, rtol=1e-13, atol=1e-13)
+
+
+# ---- every pytree kind is an operator (DESIGN.md: any pytree with a callable step) ----------
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("kind", OPERATOR_KINDS)
+def test_every_pytree_kind_is_an_operator_with_gradients_three_ways(kind):
+    # the same q (one Euler step of helpers.user_q) as a NamedTuple, a register_dataclass
+    # dataclass, an eqx.Module, a flax.struct.dataclass and an nnx.Module; under the
+    # exponential kernel, so the kernel's log_rate is differentiated next to the operator's leaves
+    z0, theta, evolution = tiny_problem(jax.random.PRNGKey(5), "rda_coeffs")
+    evolution = dict(evolution, w1=make_operator_kind(kind))
+    kernel = make_kernel("exponential")
+    args = (z0, theta, evolution, kernel)
+    rng = np.random.default_rng(6)
+    directions = [(i, random_like(a, rng)) for i, a in enumerate(args)]
+    loss = make_loss("endpoints")
+
+    @jax.jit
+    def run(args, batch):
+        z1, block_vjp = jax.vjp(make_block("endpoints"), *args)
+        z1_bar = jax.grad(objective)(z1)
+        disc = jax.grad(make_loss("endpoints", "discrete"), argnums=(0, 1, 2, 3))(*args)
+        return z1, block_vjp(z1_bar), disc, hand_grads(*args, "endpoints", z1_bar), jax.vmap(loss)(*batch)
+
+    z1, auto, disc, hand, values = run(args, shifted_batch(args, directions))
+    # the forward is the same q for every kind: compare with ODEEvolution(user_q, solver="euler")
+    ref = make_block("endpoints")(z0, theta, dict(evolution, w1=ODEEvolution(user_q, {"a": 0.7, "b": 0.4}, solver="euler")), kernel)
+    np.testing.assert_allclose(z1, ref, rtol=1e-13, atol=1e-13)
+    assert type(auto[2]["w1"]) is type(evolution["w1"])  # the operator's gradient is a pytree of its own kind
+    assert all(np.all(np.asarray(leaf) != 0) for leaf in jax.tree_util.tree_leaves(auto[2]["w1"]))
+    assert max_rel_err(disc, auto) <= 1e-8
+    assert max_rel_err(hand, auto) <= 1e-8
+    for k, (i, u) in enumerate(directions):
+        fd = (values[2 * k] - values[2 * k + 1]) / (2 * EPS)
+        exact = tree_vdot(auto[i], u)
+        assert abs(fd - exact) <= 1e-6 * abs(exact), (i, float(fd), float(exact))

@@ -167,8 +167,26 @@ def _bad(**kw):
         (dict(coeffs={"w1": RDACoeffs(-1.0, (0.0, 0.0), 0.0), "w2": None, "b": None}), ValueError, r"coeffs\['w1'\].d = -1.0 is negative"),
         (dict(coeffs={"w1": RDACoeffs(jnp.zeros(5), jnp.zeros((5, 2)), jnp.zeros(5)), "w2": None, "b": None}), ValueError, r"\(5,\) does not broadcast"),
         (dict(step_args=jnp.zeros(3)), ValueError, "step_args.*num_steps=2"),
+        (dict(z0=jnp.ones((2, 6, 6, 3), jnp.int32)), TypeError, r"z0 has dtype int32: the ODE state must be floating point"),
+        (dict(coeffs={"w1": RDACoeffs(0.1, (np.inf, 0.0), 0.0), "w2": None, "b": None}), ValueError, r"coeffs\['w1'\].v = inf is not finite"),
+        (dict(coeffs={"w1": RDACoeffs(0.1, (0.0, 0.0), np.nan), "w2": None, "b": None}), ValueError, r"coeffs\['w1'\].rho = nan is not finite"),
     ],
 )
 def test_bad_input(kw, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**kw)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("adjoint", ["autodiff", "discrete"])
+def test_f_output_must_match_has_aux(adjoint):
+    # batch 2: with has_aux=True a plain array used to unpack as (dz, aux) = (z[0], z[1]), a wrong output
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(9), batch=2)
+    block = lambda f, has_aux: coupled_block(f, z0, theta, coeffs, steps_z=2, steps_w=2, has_aux=has_aux, adjoint=adjoint)
+    with pytest.raises(TypeError, match=r"has_aux=True but f returned an array of shape \(2, 6, 6, 3\), not a pair"):
+        block(small_conv_f, True)
+    with pytest.raises(TypeError, match=r"f returned a tuple of length 2, not one array dz; .* pass has_aux=True"):
+        block(lambda z, th: (small_conv_f(z, th), jnp.mean(z)), False)
+    z1, aux = block(lambda z, th: (small_conv_f(z, th), jnp.mean(z)), True)
+    np.testing.assert_allclose(z1, block(small_conv_f, False), rtol=1e-14, atol=1e-14)
+    assert aux.shape == (2,)

@@ -1,5 +1,7 @@
 """Evolution operators of Eq. 2.3c against exact facts: RDA Eq. 2.6 itself, linear (expm), user q, MLP; bad input."""
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,10 +19,22 @@ from anodev2_jax import (
     linear_step,
     mlp_evolution,
 )
-from anodev2_jax.evolution import evolve
+from anodev2_jax.evolution import check_operator, evolve, is_operator
 from anodev2_jax.rda import align, generator_matrix, propagator_matrix, spectral_symbol, use_matrix
+from anodev2_jax.trajectory import is_evolution_leaf
+from flax import nnx
 
-from helpers import small_conv_f, small_problem
+from helpers import (
+    OPERATOR_KINDS,
+    NamedTupleOp,
+    make_operator_kind,
+    max_rel_err,
+    small_conv_f,
+    small_problem,
+    tiny_f,
+    tiny_problem,
+    user_q,
+)
 
 F64 = jnp.float64
 
@@ -233,3 +247,103 @@ def test_negative_diffusion_is_not_checked_when_traced():
     w = kernel(11, (3, 3))
     out = jax.jit(lambda d: RDAEquation(d, jnp.zeros(2), jnp.asarray(0.0)).step(w, 0.1))(jnp.asarray(-0.1, F64))
     assert np.all(np.isfinite(out))
+
+
+# ---- what counts as an operator: a callable step on the object itself ---------------------
+
+
+class Weights(NamedTuple):
+    """A user container (no step): its fields are leaves of theta0 and of the evolution tree."""
+
+    w1: jax.Array
+    w2: jax.Array
+    b: jax.Array
+
+
+def test_is_operator_is_a_callable_step_on_the_object_not_its_container_type():
+    for kind in OPERATOR_KINDS:
+        assert is_operator(make_operator_kind(kind)), kind
+    assert is_operator(mlp_evolution(jax.random.PRNGKey(0), (3, 3), 2))
+    containers = [(1.0, 2.0), [NamedTupleOp(1.0, 2.0)], {"step": lambda w, dt: w}, Weights(None, None, None)]
+    for x in [None, RDACoeffs(0.1, (0.0, 0.0), 0.0), jnp.zeros(3)] + containers:
+        assert not is_operator(x), x
+    for x in containers:  # flattening the evolution tree goes into them
+        assert not is_evolution_leaf(x), x
+    assert is_evolution_leaf(None) and is_evolution_leaf(RDACoeffs(0.1, (0.0, 0.0), 0.0))
+
+
+@pytest.mark.exact
+def test_operators_inside_a_user_namedtuple_container():
+    # theta0 and the evolution tree are one NamedTuple container type; the operator inside is
+    # itself a NamedTuple (with step) and RDACoeffs (without): flattening stops at both
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(3))
+    op = make_operator_kind("namedtuple")
+    as_dict = coupled_block(small_conv_f, z0, theta, {"w1": op, "w2": coeffs["w2"], "b": None}, steps_z=2, steps_w=2)
+    theta_nt = Weights(theta["w1"], theta["w2"], theta["b"])
+    f = lambda z, th: small_conv_f(z, th._asdict())
+    block = lambda th, evo: coupled_block(f, z0, th, evo, steps_z=2, steps_w=2, adjoint="discrete")
+    out = block(theta_nt, Weights(op, coeffs["w2"], None))
+    np.testing.assert_allclose(out, as_dict, rtol=1e-13, atol=1e-13)
+    g = jax.grad(lambda evo: jnp.sum(block(theta_nt, evo) ** 2))(Weights(op, coeffs["w2"], None))
+    assert isinstance(g, Weights) and isinstance(g.w1, NamedTupleOp) and isinstance(g.w2, RDACoeffs) and g.b is None
+
+
+def test_an_operator_held_by_an_nnx_module_trains_with_nnx_grad():
+    # NNX-compatible: an nnx.Module with step is a JAX pytree (Flax >= 0.11), so it can also
+    # live inside a model's nnx.Module and be differentiated by nnx.grad, through both adjoints
+    z0, theta, _ = tiny_problem(jax.random.PRNGKey(4), "rda_coeffs")
+
+    class Block(nnx.Module):
+        def __init__(self):
+            self.op = make_operator_kind("nnx")
+            self.w1, self.b = nnx.Param(theta["w1"]), nnx.Param(theta["b"])
+
+        def __call__(self, z, adjoint):
+            th = {"w1": self.w1[...], "b": self.b[...]}
+            return coupled_block(tiny_f, z, th, {"w1": self.op, "b": None}, steps_z=2, steps_w=2, adjoint=adjoint)
+
+    model = Block()
+    grads = {adj: nnx.grad(lambda m: jnp.sum(m(z0, adj) ** 2))(model) for adj in ("autodiff", "discrete")}
+    ga, gd = (nnx.state(grads[adj]) for adj in ("autodiff", "discrete"))
+    assert max_rel_err(gd, ga) <= 1e-8
+    assert float(jnp.abs(ga["op"]["a"][...])) > 0 and float(jnp.abs(ga["op"]["b"][...])) > 0
+
+
+def test_non_finite_operator_parameters_are_refused_naming_the_leaf():
+    with pytest.raises(ValueError, match=r"LinearEvolution: generator has NaN or inf entries"):
+        LinearEvolution(jnp.full((9, 9), jnp.nan))
+    trained = eqx.tree_at(lambda op: op.generator, LinearEvolution.zeros((3, 3, 3, 3), dtype=F64), jnp.full((9, 9), jnp.inf))
+    with pytest.raises(ValueError, match=r"evolution\['w1'\].generator has a non-finite entry \(inf\)"):
+        _block_with(trained)
+    with pytest.raises(ValueError, match=r"evolution\['w1'\].a has a non-finite entry \(nan\)"):
+        _block_with(make_operator_kind("namedtuple", a=np.nan))
+    with pytest.raises(ValueError, match=r"evolution\['w1'\].params\['b'\] has a non-finite entry \(inf\)"):
+        _block_with(ODEEvolution(user_q, {"a": jnp.asarray(0.1), "b": jnp.asarray(np.inf)}))
+    with pytest.raises(ValueError, match=r"RDAEquation.v = inf is not finite"):
+        rda_eq(v=(np.inf, 0.0))
+    # traced parameters are not read (no check, no cost under jit)
+    w = kernel(12, (3, 3, 3, 3))
+    out = jax.jit(lambda g: LinearEvolution(g).step(w, 0.1))(jnp.zeros((9, 9), F64))
+    np.testing.assert_allclose(out, w, rtol=1e-14)
+
+
+def test_empty_kernel_is_refused():
+    with pytest.raises(ValueError, match=r"the kernel has shape \(0, 3\): a spatial axis of size 0"):
+        check_operator(LinearEvolution.zeros((3, 3)), jnp.zeros((0, 3)), 0.5, name="evolution['w']")
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_kernels_evolve_in_float32(dtype):
+    # no half-precision complex or expm: the step runs in float32 and is rounded back once
+    w = kernel(13, (3, 3, 2, 2), jnp.float32)
+    ops = [RDAEquation(jnp.asarray(0.2, jnp.float32), jnp.asarray([0.3, -0.1], jnp.float32), jnp.asarray(0.1, jnp.float32)),
+           LinearEvolution(0.3 * kernel(14, (9, 9), jnp.float32))]  # fmt: skip
+    eps = float(jnp.finfo(dtype).eps)
+    for op in ops:
+        w_half = w.astype(dtype)
+        out = op.step(w_half, 0.25)
+        ref = op.step(w_half.astype(jnp.float32), 0.25)  # the same input, in float32
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref.astype(dtype).astype(jnp.float32), rtol=0, atol=0)  # one rounding
+        assert float(jnp.max(jnp.abs(op.rhs(w_half).astype(jnp.float32) - op.rhs(w_half.astype(jnp.float32))))) <= 4 * eps

@@ -61,3 +61,57 @@ def test_no_private_name_of_the_package_is_used_outside_its_module():
             if path.parent != PACKAGE and patched.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def _module_level_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:  # a name, or a tuple of names (A, B = ...)
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _all_of(tree: ast.Module) -> list[str] | None:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return [ast.literal_eval(e) for e in node.value.elts]
+    return None
+
+
+def test_every_module_declares_all_and_documents_its_public_functions_and_classes():
+    problems = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        public = _all_of(tree)
+        if public is None:
+            problems.append(f"{path.name}: no __all__")
+            continue
+        if len(set(public)) != len(public):
+            problems.append(f"{path.name}: __all__ lists a name twice")
+        missing = set(public) - _module_level_names(tree)
+        problems += [f"{path.name}: __all__ names {n!r}, which the module does not define" for n in sorted(missing)]
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in public and not ast.get_docstring(node):
+                problems.append(f"{path.name}: public {node.name} has no docstring")
+    assert not problems, "\n".join(problems)
+
+
+def test_package_reexports_in_the_name_as_name_form_and_lists_them_in_all():
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    reexports = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("anodev2_jax."):
+            for a in node.names:
+                assert a.asname == a.name, f"__init__.py: import {a.name} as {a.name} (the explicit re-export form)"
+                reexports.append(a.name)
+                path = PACKAGE.joinpath(*node.module.split(".")[1:])  # a module, or a subpackage's __init__
+                path = path.with_suffix(".py") if path.with_suffix(".py").exists() else path / "__init__.py"
+                module_all = _all_of(ast.parse(path.read_text()))
+                assert a.name in module_all, f"{a.name} is re-exported but not in {node.module}.__all__"
+    assert _all_of(tree) == reexports, "__init__.__all__ must list exactly the re-exported names, in import order"

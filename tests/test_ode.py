@@ -203,6 +203,34 @@ def test_bad_input(kwargs, match):
         odeint_fixed(linear_f, z0, a, **kwargs)
 
 
+def test_integer_state_is_refused_not_rounded():
+    # an int32 z0 used to come back as integers ([1 1 1] where float gives 0.25): every step rounded
+    with pytest.raises(TypeError, match=r"z0 has dtype int32: the ODE state must be floating point .* pass z0.astype\(jnp.float32\)"):
+        odeint_fixed(lambda z, th: -0.75 * z, jnp.ones(3, jnp.int32), None, num_steps=1)
+    with pytest.raises(TypeError, match=r"z0 has dtype bool"):
+        odeint_diffrax(lambda z, th: z, jnp.ones(3, bool), None, num_steps=1)
+    with pytest.raises(TypeError, match=r"z0 is a list"):
+        odeint_fixed(lambda z, th: z, [1.0, 2.0], None, num_steps=1)
+    np.testing.assert_allclose(odeint_fixed(lambda z, th: -0.75 * z, jnp.ones(3, F64), None, num_steps=1), 0.25)
+
+
+def test_the_output_of_f_is_checked_against_has_aux_and_the_state():
+    z0 = jnp.ones((2, 3), F64)  # batch 2: a plain array unpacks as a pair (dz, aux) without error
+    plain = lambda z, th: -z
+    pair = lambda z, th: (-z, jnp.sum(z))
+    with pytest.raises(TypeError, match=r"has_aux=True but f returned an array of shape \(2, 3\), not a pair \(dz, aux\)"):
+        odeint_fixed(plain, z0, None, num_steps=2, has_aux=True)
+    with pytest.raises(TypeError, match=r"f returned a tuple of length 2, not one array dz; if it returns \(dz, aux\) pass has_aux=True"):
+        odeint_fixed(pair, z0, None, num_steps=2)
+    with pytest.raises(TypeError, match=r"has_aux=True but f returned a tuple of length 3"):
+        odeint_fixed(lambda z, th: (-z, 1.0, 2.0), z0, None, num_steps=2, has_aux=True)
+    with pytest.raises(ValueError, match=r"f returned dz of shape \(3,\) for a state z of shape \(2, 3\)"):
+        jax.jit(lambda z: odeint_fixed(lambda z, th: z[0], z, None, num_steps=2))(z0)  # checked at trace time
+    z1, aux = odeint_fixed(pair, z0, None, num_steps=2, has_aux=True)
+    np.testing.assert_allclose(z1, 0.25 * z0)
+    assert aux.shape == (2,)
+
+
 def test_bad_diffrax_adjoint():
     a, z0, _ = linear_problem()
     with pytest.raises(ValueError, match="adjoint='exact'"):

@@ -189,11 +189,64 @@ def test_jit_vmap_grad_compose():
         ((3, 3, 2, 4), RDACoeffs(jnp.zeros(4), jnp.zeros((4, 2)), jnp.zeros(())), "rho has shape"),
         ((3, 3, 2, 4), RDACoeffs(jnp.asarray(-0.1), jnp.zeros(2), jnp.asarray(0.0)), r"d = -0.1 is negative"),
         ((3, 3, 2, 4), RDACoeffs(jnp.asarray(np.nan), jnp.zeros(2), jnp.asarray(0.0)), "NaN"),
+        # every coefficient is checked as d is, where it is concrete
+        ((3, 3, 2, 4), RDACoeffs(jnp.asarray(np.inf), jnp.zeros(2), jnp.asarray(0.0)), r"coeffs.d = inf is not finite"),
+        ((3, 3, 2, 4), RDACoeffs(jnp.asarray(0.1), jnp.asarray([0.0, np.nan]), jnp.asarray(0.0)), r"coeffs.v = nan is not finite"),
+        ((3, 3, 2, 4), RDACoeffs(0.1, (0.0, 0.0), -np.inf), r"coeffs.rho = -inf is not finite"),
+        ((3, 3, 2, 4), RDACoeffs(jnp.full(4, 0.1), jnp.zeros((4, 2)), jnp.asarray([0.0, 0.0, np.nan, 0.0])), r"coeffs.rho = nan"),
+        ((0, 3), coeffs(), r"kernel has shape \(0, 3\): a spatial axis of size 0 has nothing to evolve"),
+        ((3, 0, 2, 2), coeffs(), r"kernel has shape \(3, 0, 2, 2\)"),
     ],
 )
 def test_bad_input_raises_value_error(w_shape, c, match):
     with pytest.raises(ValueError, match=match):
         evolve_weights(jnp.zeros(w_shape), c, num_steps=1, dt=0.1)
+
+
+@pytest.mark.parametrize(
+    "dt, exc, match",
+    [
+        (-0.1, ValueError, r"dt = -0.1 is negative: a step runs forward in time"),
+        (jnp.asarray(-0.5, F64), ValueError, r"dt = -0.5 is negative"),
+        (np.inf, ValueError, r"dt = inf is not finite"),
+        (np.nan, ValueError, r"dt = nan is not finite"),
+        (jnp.ones(2), TypeError, r"dt = .* must be a real scalar"),
+        (1j, TypeError, r"must be a real scalar"),
+    ],
+)
+def test_bad_step_length(dt, exc, match):
+    w = kernel(20, (3, 3, 1, 1))
+    with pytest.raises(exc, match=match):
+        evolve_weights(w, coeffs(d=0.1), num_steps=1, dt=dt)
+    with pytest.raises(exc, match=match):
+        linear_step(w, coeffs(d=0.1), dt)
+
+
+def test_zero_step_length_is_the_identity_and_traced_values_are_not_checked():
+    w = kernel(21, (3, 3, 2, 2))
+    np.testing.assert_allclose(evolve_weights(w, coeffs(d=0.2, rho=0.3), num_steps=2, dt=0.0, nonlinearity=None), w, rtol=1e-14, atol=1e-14)
+    bad = RDACoeffs(jnp.asarray(0.1, F64), jnp.asarray([np.nan, 0.0], F64), jnp.asarray(0.0, F64))
+    out = jax.jit(lambda c, dt: evolve_weights(w, c, num_steps=1, dt=dt))(bad, -0.1)  # under jit: no check, no cost
+    assert out.shape == w.shape
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("c_shape", [(), (2, 3)])  # the matrix path and the FFT path (per-(cin, cout) coefficients)
+def test_half_precision_kernels_evolve_in_float32(dtype, c_shape):
+    # there is no half-precision complex dtype: each step runs in float32 and is rounded back,
+    # so after 4 steps the result is within 4 roundings (plus tanh's contraction) of float32's
+    w = kernel(22, (3, 3, 2, 3), jnp.float32)
+    c = RDACoeffs(jnp.full(c_shape, 0.2, jnp.float32), jnp.full(c_shape + (2,), 0.3, jnp.float32), jnp.full(c_shape, 0.1, jnp.float32))
+    ref = evolve_weights(w, c, num_steps=4, dt=0.25, trajectory=True)
+    out = evolve_weights(w.astype(dtype), c, num_steps=4, dt=0.25, trajectory=True)
+    assert out.dtype == dtype and out.shape == ref.shape
+    eps = float(jnp.finfo(dtype).eps)
+    scale = float(jnp.max(jnp.abs(ref)))
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) <= 5 * eps * scale
+    one = linear_step(w.astype(dtype), c, 0.25)
+    assert one.dtype == dtype
+    assert float(jnp.max(jnp.abs(one.astype(jnp.float32) - linear_step(w, c, 0.25)))) <= 2 * eps * float(jnp.max(jnp.abs(w)))
 
 
 def test_bad_types_and_steps():

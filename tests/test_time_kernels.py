@@ -121,10 +121,17 @@ class Anticausal(eqx.Module):
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: ExponentialKernel(-1.0), ValueError, r"rate=-1.0 must be > 0"),
-        (lambda: ExponentialKernel(0.0), ValueError, r"rate=0.0 must be > 0"),
-        (lambda: ExponentialKernel(np.nan), ValueError, r"rate=nan must be > 0"),
+        (lambda: ExponentialKernel(-1.0), ValueError, r"rate=-1.0 must be finite and > 0"),
+        (lambda: ExponentialKernel(0.0), ValueError, r"rate=0.0 must be finite and > 0"),
+        (lambda: ExponentialKernel(np.nan), ValueError, r"rate=nan must be finite and > 0"),
+        (lambda: ExponentialKernel(np.inf), ValueError, r"rate=inf must be finite and > 0"),
         (lambda: ExponentialKernel(jnp.ones(2)), ValueError, r"rate has shape \(2,\); it must be a scalar"),
+        (lambda: ExponentialKernel(True), TypeError, r"rate must be real floating point, got dtype bool"),
+        (lambda: ExponentialKernel(), TypeError, r"pass exactly one of rate \(> 0\) or log_rate"),
+        (lambda: ExponentialKernel(1.0, log_rate=0.0), TypeError, r"pass exactly one of rate"),
+        (lambda: ExponentialKernel.from_log_rate(np.inf), ValueError, r"log_rate=inf must be finite"),
+        (lambda: ExponentialKernel.from_log_rate(jnp.zeros(1)), ValueError, r"log_rate has shape \(1,\)"),
+        (lambda: DiscreteKernel(jnp.asarray([0.5, np.nan, 0.1])), ValueError, r"values\[1\] = nan; every lag weight must be finite"),
         (lambda: DiscreteKernel(1.0), ValueError, r"values has shape \(\); it must be rank 1"),
         (lambda: DiscreteKernel(jnp.ones((2, 2))), ValueError, r"values has shape \(2, 2\)"),
         (lambda: DiscreteKernel(jnp.ones(0)), ValueError, r"values has shape \(0,\)"),
@@ -163,3 +170,84 @@ def test_non_causal_kernel_is_caught_under_jit_too():
     block = jax.jit(lambda k: coupled_block(small_conv_f, z0, theta, coeffs, steps_z=2, steps_w=4, time_kernel=k))
     with pytest.raises(ValueError, match="is not causal"):
         block(Anticausal(jnp.asarray(0.5, F64)))
+
+
+# ---- the exponential kernel's parameterization: any gradient step leaves a valid kernel ----
+
+
+@pytest.mark.exact
+def test_log_rate_is_the_leaf_and_rate_keeps_its_meaning():
+    kernel = ExponentialKernel(2.5)
+    assert [k.name for k in jax.tree_util.tree_flatten_with_path(kernel)[0][0][0]] == ["log_rate"]
+    np.testing.assert_allclose(kernel.rate, 2.5, rtol=1e-15)
+    log_rate = jnp.asarray(np.log(2.5), F64)
+    same = ExponentialKernel.from_log_rate(log_rate)
+    assert same.log_rate is log_rate  # stored as given: the models' time_log_rate, no log(exp(x)) round trip
+    t, tau = grid(5, 5, "aligned")
+    np.testing.assert_allclose(same.weights(t, tau), kernel.weights(t, tau), rtol=1e-14)
+
+
+def test_exponential_kernel_stays_valid_under_any_gradient_step():
+    # under jit nothing can check a learned value; with log_rate every step gives rate > 0:
+    # weights in [0, 1] summing to 1 (a raw rate stepped below 0 gives kappa[n, 0] = e^{-rate t} > 1)
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(3))
+    kw = dict(steps_z=2, steps_w=4, schedule="endpoints")
+    loss = lambda k: jnp.sum(coupled_block(small_conv_f, z0, theta, coeffs, time_kernel=k, **kw) ** 2)
+    kernel = ExponentialKernel(jnp.asarray(0.5, F64))
+    g = jax.jit(jax.grad(loss))(kernel)
+    assert float(g.log_rate) != 0
+    t, tau = grid(2, 4, "endpoints")
+
+    @jax.jit
+    def sgd(kernel, lr):
+        new = jax.tree_util.tree_map(lambda p, d: p - lr * d, kernel, g)
+        return new, new.weights(t, tau), loss(new)
+
+    for move in (-30.0, 30.0):  # log_rate moved by -30 and +30: rate 5e-14 and 5e12
+        new, kappa, value = sgd(kernel, move / float(g.log_rate))
+        np.testing.assert_allclose(new.log_rate, np.log(0.5) - move, rtol=1e-12)
+        assert float(new.rate) > 0 and np.all(np.asarray(kappa) >= 0) and np.all(np.asarray(kappa) <= 1)
+        np.testing.assert_allclose(np.asarray(kappa).sum(axis=1), 1.0, rtol=1e-12)
+        assert np.isfinite(float(value))
+
+
+def test_optax_adam_under_strict_promotion_with_the_scoped_workaround():
+    # optax.adam's bias correction computes 1 - b1 ** count, a Python float to the power of
+    # its int32 step count, which strict dtype promotion refuses (optax's code, any leaf dtype).
+    # The workaround the docs give: the optimizer update (only) under standard promotion.
+    import optax
+
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(4))
+    kw = dict(steps_z=2, steps_w=4, schedule="endpoints")
+    block = lambda k: coupled_block(small_conv_f, z0, theta, coeffs, time_kernel=k, **kw)
+    target = block(ExponentialKernel(jnp.asarray(0.5, F64)))
+    loss = lambda k: jnp.mean((block(k) - target) ** 2)
+    opt = optax.adam(0.1)
+
+    @jax.jit
+    def train_step(kernel, state):
+        value, grads = jax.value_and_grad(loss)(kernel)  # our code: strict promotion
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(grads, state)
+        return optax.apply_updates(kernel, updates), state, value
+
+    kernel = ExponentialKernel(jnp.asarray(4.0, F64))
+    state = opt.init(kernel)
+    values = []
+    for _ in range(30):
+        kernel, state, value = train_step(kernel, state)
+        values.append(float(value))
+    assert min(values) < 1e-2 * values[0], values  # Adam overshoots and comes back: judge its best step
+    assert np.all(np.isfinite(values)) and 0.25 < float(kernel.rate) < 1.0, float(kernel.rate)  # from 4 towards 0.5
+
+
+def test_non_finite_kernel_parameters_are_refused_at_call_time():
+    # a trained kernel (built by tree_map, not __init__) is checked where its leaves are concrete
+    z0, theta, coeffs = small_problem(jax.random.PRNGKey(5))
+    block = lambda k: coupled_block(small_conv_f, z0, theta, coeffs, steps_z=2, steps_w=4, time_kernel=k)
+    for kernel in (eqx.tree_at(lambda k: k.values, DiscreteKernel(jnp.ones(2, F64)), jnp.asarray([0.5, np.nan], F64)),
+                   eqx.tree_at(lambda k: k.log_rate, ExponentialKernel(jnp.asarray(1.0, F64)), jnp.asarray(np.inf, F64))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"time_kernel.weights\(t, tau\) has kappa\[\d, \d\] = nan: its parameters are NaN or inf"):
+            block(kernel)
+    out = jax.jit(block)(eqx.tree_at(lambda k: k.values, DiscreteKernel(jnp.ones(2, F64)), jnp.asarray([0.5, np.nan], F64)))
+    assert out.shape == z0.shape  # traced leaves: not read, no check (no cost in a jitted step)

@@ -23,15 +23,21 @@ shows the traceback instead):
   holds (the line names its PID).
 * 3: the loss or gradients became NaN / Inf (``config.nonfinite="stop"``); the line names
   the step and the last good checkpoint, left intact.
-* 4: writing the run directory failed (disk full, quota); earlier checkpoints are intact.
-* 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint of the current
-  step (or, after the last step, once the run finished); the line prints the exact command
-  that resumes the run (this command with ``--workdir`` set to the run directory: a default
-  workdir carries the start time, so the bare command would start a new run). A second
-  signal ends the run at once without saving (also 130 / 143).
+* 4: writing the run directory failed (disk full, quota, EIO), TensorBoard's event files
+  included; earlier checkpoints are intact.
+* 5: out of memory (host or device) where it can be caught; the line says what to lower.
+  An allocation failing inside XLA's compiler aborts the process instead (134, a C++
+  dump), as the kernel's OOM killer does (137).
+* 130 / 143 / 129 / 138: stopped by SIGINT (Ctrl-C) / SIGTERM / SIGHUP / SIGUSR1 after
+  saving a checkpoint of the current step (or, after the last step, once the run
+  finished); the line prints the exact command that resumes the run (this command with
+  ``--workdir`` set to the run directory: a default workdir carries the start time, so the
+  bare command would start a new run). A second signal ends the run at once without
+  saving (also 128 + signum).
 """
 
 import contextlib
+import faulthandler
 import inspect
 import logging as std_logging
 import os
@@ -49,7 +55,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/resne
 flags.DEFINE_string("workdir", None, "Run directory (default: a new one under runs/).")
 flags.DEFINE_bool("verbose", False, "Log INFO messages and show tracebacks of bad-input errors.")
 
-_EXIT_BAD_INPUT, _EXIT_NONFINITE, _EXIT_WRITE = 2, 3, 4
+_EXIT_BAD_INPUT, _EXIT_NONFINITE, _EXIT_WRITE, _EXIT_OUT_OF_MEMORY = 2, 3, 4, 5
 
 
 def _fail(message: str, status: int = _EXIT_BAD_INPUT, prefix: str = "error: ") -> None:
@@ -178,15 +184,23 @@ def _stopped(signum, frame):
 
 def main(argv):
     # train_and_evaluate installs its own handlers while it runs. With several processes JAX's
-    # preemption notifier takes SIGTERM: leave it alone there.
-    signal.signal(signal.SIGINT, _stopped)
+    # preemption notifier takes SIGTERM: leave it alone there. A signal ignored at the start
+    # (nohup: SIGHUP) stays ignored.
+    stop_signals = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
     if FLAGS.config.get("distributed") is not True:
-        signal.signal(signal.SIGTERM, _stopped)
+        stop_signals += (signal.SIGTERM,)
+    for s in stop_signals:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _stopped)
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])!r}; pass options as --flag=value")
     logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     if not FLAGS.verbose:
         _quiet_checkpoint_errors()
+        # absl turns faulthandler on: a C++ abort (XLA out of memory while compiling:
+        # std::bad_alloc) would dump every thread's stack, 25-60 lines; without it the C++
+        # runtime's two lines remain (exit 134). --verbose keeps the dump.
+        faulthandler.disable()
     from anodev2_jax import data, training  # after flag parsing: --help stays fast
 
     config = FLAGS.config
@@ -211,6 +225,10 @@ def main(argv):
         if FLAGS.verbose:
             raise
         _fail(e, _EXIT_WRITE)
+    except training.OutOfMemory as e:
+        if FLAGS.verbose:
+            raise
+        _fail(e, _EXIT_OUT_OF_MEMORY)
     except KeyboardInterrupt:  # a KeyboardInterrupt raised by other code (SIGINT itself is handled above)
         if FLAGS.verbose:
             raise

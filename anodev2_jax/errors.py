@@ -2,7 +2,8 @@
 
 ``train.py`` maps them to exit statuses: :class:`ConfigError` (and its kinds
 :class:`WorkdirInUse`, :class:`WorkdirMismatch`, and :class:`anodev2_jax.data.DataError`) 2,
-:class:`NonFiniteError` 3, :class:`WriteError` 4, :class:`Preempted` ``128 + signum``.
+:class:`NonFiniteError` 3, :class:`WriteError` 4, :class:`OutOfMemory` 5, :class:`Preempted`
+``128 + signum``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ __all__ = [
     "NonFiniteError",
     "Preempted",
     "WriteError",
+    "OutOfMemory",
+    "is_out_of_memory",
     "os_error_text",
     "resume_text",
 ]
@@ -71,13 +74,13 @@ def resume_text(command: Optional[str]) -> str:
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM / SIGINT after saving a checkpoint; rerun to resume.
+    """Training stopped on a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) after saving a checkpoint; rerun to resume.
 
     A signal after the last step lets the run finish (``finished``): its last checkpoint and
     ``summary.json`` are written, and a rerun says the run is finished.
 
     Attributes:
-      signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+      signum: the signal received (``signal.SIGTERM``, ``SIGINT``, ``SIGHUP`` or ``SIGUSR1``).
       step: the global step saved.
       checkpoint: the checkpoint directory written (``workdir/checkpoints/<step>``).
       finished: whether the run had finished (the signal came after its last step).
@@ -161,6 +164,41 @@ class WriteError(RuntimeError):
 
     def __str__(self) -> str:
         return self.message()
+
+
+class OutOfMemory(RuntimeError):
+    """The host or an accelerator ran out of memory (a ``MemoryError``, or XLA's ``RESOURCE_EXHAUSTED``).
+
+    What can be caught is: numpy / Python allocations (``MemoryError``) and XLA's failed
+    buffer allocations, raised as ``jax.errors.JaxRuntimeError`` with ``RESOURCE_EXHAUSTED``
+    (on GPU and TPU, and on CPU where XLA's allocator reports it). An allocation that fails
+    inside XLA's compiler or LLVM aborts the process (a C++ abort and its dump, exit 134,
+    or the kernel's OOM killer, 137): no Python code runs then.
+
+    Attributes:
+      checkpoint: the last complete checkpoint (the rerun resumes there), or None.
+    """
+
+    def __init__(
+        self, cause: BaseException, batch_size: int, num_seeds: int, checkpoint: Optional[Path], platform: str = "cpu"
+    ):
+        self.cause, self.checkpoint = cause, checkpoint
+        where = f"the {platform} device" if "RESOURCE_EXHAUSTED" in str(cause) else "the host"
+        detail = " ".join(str(cause).split()).split(". ")[0].rstrip(".")[:160] or type(cause).__name__
+        resume = f"it resumes from {checkpoint}" if checkpoint is not None else "no checkpoint yet: it starts over"
+        seeds = f" or --config.num_seeds (now {num_seeds})" if num_seeds > 1 else ""
+        super().__init__(
+            f"out of memory on {where} ({detail}); rerun the command with a smaller --config.remat_budget_mb "
+            f"(remat=auto then recomputes more) or --config.eval_batch_size ({resume}), or start a new --workdir "
+            f"with a smaller --config.batch_size (now {batch_size}){seeds} or --config.remat=binomial"
+        )
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an out-of-memory error: ``MemoryError`` or XLA's ``RESOURCE_EXHAUSTED`` (``JaxRuntimeError``)."""
+    if isinstance(e, MemoryError):
+        return True
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def os_error_text(e: BaseException) -> str:

@@ -736,9 +736,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except training.Preempted as e:  # checkpoint saved: rerunning the sweep resumes this run, skips finished ones
         print(f"{e} (the same command continues the sweep: finished rows are skipped)", file=sys.stderr)
         return 128 + e.signum
-    except (training.NonFiniteError, training.WriteError) as e:  # train.py's exit codes
+    except (training.NonFiniteError, training.WriteError, training.OutOfMemory) as e:  # train.py's exit codes
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 3 if isinstance(e, training.NonFiniteError) else 4
+        return {training.NonFiniteError: 3, training.WriteError: 4}.get(type(e), 5)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n" + text + f"\n(written to {out})", flush=True)

@@ -35,6 +35,7 @@ __all__ = [
     "knobs",
     "legacy_defaults",
     "resolved_knobs",
+    "fixed_fields",
     "default_workdir",
     "resolve_workdir",
     "MAX_ODE_STEPS",
@@ -45,10 +46,15 @@ NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or
 COMPUTE_DTYPES = ("float32", "bfloat16")  # config.dtype: the model knob compute_dtype (params stay float32)
 
 # Every Euler step of an ODE block is unrolled into the compiled program (DESIGN.md: a
-# convolution inside a loop trains ~19x slower on XLA:CPU), so compile time grows linearly
-# with steps_z and steps_w: ~1 s per step of ResNet-4 here (measured at XLA's optimization
-# level 0: 13 s at steps_z=2, 36 s at 32). 1000 steps already compile for tens of minutes.
-MAX_ODE_STEPS = 1000
+# convolution inside a loop trains ~19x slower on XLA:CPU), so compile time grows with
+# steps_z and steps_w, faster than linearly beyond a few dozen steps. The train step of
+# ResNet-4, configuration 1, steps_w = steps_z, compiled at XLA's default level on a 2-core
+# x86 CPU (benchmarks/compile_time.py; CPU seconds, the wall clock of a loaded machine was
+# 2-4x more): 8 s at steps_z=5, 21 s at 20, 41 s at 50, 130 s at 100; 1000 compiled for over
+# 10 minutes (issue 22) and a fit of these points puts it at hours. So the range stops at
+# 100, where one ODE block compiles in about two minutes (models with several blocks take
+# a multiple); the run's header warns beyond 64.
+MAX_ODE_STEPS = 100
 # Seeds become int32 on the device (the PRNG keys, the per-seed data order): seed + num_seeds - 1 must fit.
 MAX_SEED = 2**31 - 1
 
@@ -291,6 +297,22 @@ def resolved_knobs(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = Non
     except (ValueError, KeyError):
         return knobs
     return {k: getattr(resolved, k) for k in KNOB_FIELDS}
+
+
+def fixed_fields(cfg: dict[str, Any], defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The fields of a config dict a restart may not change (all but :data:`RESUMABLE_FIELDS`), knobs resolved.
+
+    What each checkpoint records of its run (``checkpoints.CONFIG_KEY``): two configs a
+    restart accepts as the same run (:func:`anodev2_jax.rundir.check_workdir`) give the same
+    dict (an ODE knob left None and the method default it stands for are one value), and a
+    run of other values (another learning rate) does not. As JSON data (lists, not tuples),
+    as the checkpoint's metadata stores it. ``defaults``: :func:`legacy_defaults` of the run.
+
+    Example: ``fixed_fields(config_dict(config))["learning_rate"]``.
+    """
+    knobs = resolved_knobs(cfg, defaults)
+    fixed = {k: (knobs[k] if k in KNOB_FIELDS else v) for k, v in cfg.items() if k not in RESUMABLE_FIELDS}
+    return json.loads(json.dumps(fixed, default=json_default))
 
 
 def resolve_workdir(workdir: str | os.PathLike) -> Path:

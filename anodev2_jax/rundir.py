@@ -6,12 +6,16 @@
 TensorBoard event files per seed live under ``workdir/tensorboard/seed<N>`` (tensorboardX,
 no TensorFlow); ``summary.json`` is written at the end; ``sessions.jsonl`` has one line per
 process start that trained (device count, host, jax version). ``run.lock`` is the run's
-lock (:class:`RunLock`): one writer per run directory. Only process 0 writes.
+lock (:class:`RunLock`): one writer per run directory. ``run.json`` names the run: its id
+(a uuid4 made when the run directory is created; every checkpoint records it) and, for a
+run written before run ids, the checkpoints it had then (:func:`new_run_record`). Only
+process 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
@@ -19,8 +23,10 @@ import math
 import os
 import shutil
 import socket
+import struct
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -36,6 +42,7 @@ __all__ = [
     "SUMMARY_FILE",
     "LOCK_FILE",
     "SESSIONS_FILE",
+    "RUN_FILE",
     "check_workdir",
     "check_writable",
     "check_not_in_use",
@@ -44,8 +51,13 @@ __all__ = [
     "finished_summary",
     "write_text",
     "read_metrics",
+    "metrics_shortfall",
+    "read_run_record",
+    "new_run_record",
+    "digest_free_until",
     "append_session",
     "json_number",
+    "EventFile",
     "MetricsLogger",
     "Progress",
     "duration",
@@ -57,13 +69,28 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
 SESSIONS_FILE = "sessions.jsonl"
+RUN_FILE = "run.json"
 
-# What a run keeps in its directory, and whether each is a folder: anything else in its
-# place is bad input (exit 2), found before anything is written, not a failed write later.
+# What a run keeps in its directory, and whether each is a folder (else a regular file):
+# anything else in its place (a folder for a file, a device, a FIFO, a symlink to
+# /dev/null or to nothing) is bad input (exit 2), found before anything is written, not a
+# failed write later.
 _ENTRIES = {
     CONFIG_FILE: False, METRICS_FILE: False, SUMMARY_FILE: False, LOCK_FILE: False, SESSIONS_FILE: False,
-    checkpoints.CHECKPOINT_DIR: True, "tensorboard": True,
+    RUN_FILE: False, checkpoints.CHECKPOINT_DIR: True, "tensorboard": True,
 }  # fmt: skip
+
+
+def _wrong_kind(path: Path, is_dir: bool) -> Optional[str]:
+    """What ``path`` is, if it exists but is not what the run keeps there (a folder / a regular file); else None."""
+    if path.is_symlink() and not path.exists():
+        return f"a symlink to {os.readlink(path)}, which does not exist"
+    if not path.exists() or (path.is_dir() if is_dir else path.is_file()):
+        return None
+    link = f"a symlink to {os.readlink(path)}, " if path.is_symlink() else ""
+    if path.is_dir():
+        return f"{link}a folder"
+    return f"{link}not {'a folder' if is_dir else 'a regular file'}"
 
 
 def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[int] = None) -> Optional[dict[str, Any]]:
@@ -82,8 +109,8 @@ def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[
         raise ConfigError(f"workdir {workdir} is a file; pass a directory to --workdir")
     for name, is_dir in _ENTRIES.items():
         path = workdir / name
-        if path.exists() and path.is_dir() != is_dir:
-            kind = "a folder" if path.is_dir() else "not a folder"
+        kind = _wrong_kind(path, is_dir)
+        if kind is not None:
             raise ConfigError(
                 f"{path} is {kind}, but a run keeps {'its' if is_dir else 'a file'} {name} there; move it out of "
                 f"{workdir}, or pass another --workdir"
@@ -111,6 +138,15 @@ def check_workdir(workdir: Path, cfg: dict[str, Any], steps_per_epoch: Optional[
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"{stored_path} is unreadable ({type(e).__name__}: {e}); use a new --workdir") from None
+    # Every run's config.json has every field of its time: one without them was emptied or
+    # edited (not a run of another config, whose field and value a mismatch would name).
+    lacking = [name for name in cfg if name not in stored and name not in run_config.ADDED_FIELDS]
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+        raise ConfigError(
+            f"{stored_path} lacks field(s) {shown} that every run records: it was emptied or edited, not written by "
+            "a run; restore it (from a copy, or the \"config\" of the run's summary.json), or pass a new --workdir"
+        )
     legacy = run_config.legacy_defaults(stored)  # a run written before a method default changed keeps the old one
     new_knobs, old_knobs = run_config.resolved_knobs(cfg, legacy), run_config.resolved_knobs(stored, legacy)
     for name in cfg:
@@ -165,8 +201,8 @@ def check_not_in_use(workdir: Path) -> None:
     once: it conflicts with a holder's exclusive one, not with another probe.
     """
     lock_file = workdir / LOCK_FILE
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
+    try:  # non-blocking: a FIFO in its place would block an open for reading (check_workdir refuses it)
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:  # no lock file (a new run directory), or unreadable: RunLock decides
         return
     try:
@@ -303,7 +339,10 @@ def read_metrics(path: Path, max_step: Optional[int] = None) -> list[str]:
     A crash can cut off only the last line (records are appended whole and flushed), so an
     unparsable last line is dropped; any other line that is not a JSON object with an
     integer ``"step"``, or bytes that are not UTF-8 text, mean the file was damaged or edited:
-    a :class:`ConfigError` names the line (nothing is rewritten, so nothing is lost).
+    a :class:`ConfigError` names the line (nothing is rewritten, so nothing is lost). A cut
+    last line is a crash's only if it is younger than the checkpoint resumed from: the
+    caller compares what is kept with the count that checkpoint recorded
+    (:func:`metrics_shortfall`).
     """
     if not path.exists():
         return []
@@ -338,6 +377,87 @@ def read_metrics(path: Path, max_step: Optional[int] = None) -> list[str]:
     return keep
 
 
+def metrics_shortfall(path: Path, kept: Sequence[str], written: Optional[int], step: int) -> Optional[str]:
+    """A one-line warning if ``kept`` (the records up to checkpoint ``step``) are fewer than the ``written`` it recorded.
+
+    Records are appended and flushed before the checkpoint of their step is saved, so the
+    file holds every one of them: fewer mean the file was cut (a truncated copy: the cut-off
+    line was not a crash's, which only ever cuts a record younger than the checkpoint) or
+    edited. The run goes on with what is left (the lost records cannot be recomputed, and
+    refusing would not bring them back); the warning says which are lost. None when nothing
+    is missing or the checkpoint recorded no count (older code).
+    """
+    if written is None or len(kept) >= written:
+        return None
+    last = json.loads(kept[-1])["step"] if kept else 0
+    return (
+        f"warning: {path} holds {len(kept)} of the {written} records written up to checkpoint step {step}: it was "
+        f"cut (or edited) after they were written; the {written - len(kept)} records after step {last} up to step "
+        f"{step} are lost, the run goes on with the {len(kept)} kept and appends after them"
+    )
+
+
+def read_run_record(workdir: Path) -> Optional[dict[str, Any]]:
+    """``run.json`` of a run directory (None: absent, a run from before run ids); writes nothing.
+
+    Raises:
+      ConfigError: it is unreadable or lacks the run id (damaged; one line).
+    """
+    path = workdir / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+            raise ValueError('not a JSON object with a "run_id" string')
+        adopted = record.get("adopted", {})
+        if not isinstance(adopted, dict) or not all(k.isdigit() and (v is None or isinstance(v, str)) for k, v in adopted.items()):
+            raise ValueError('"adopted" is not an object of steps and digests')
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it names the run its checkpoints belong to: restore it "
+            f"(its run id is the {checkpoints.RUN_ID_KEY} in any checkpoints/<step>/{checkpoints.METADATA_FILE}), "
+            "or pass a new --workdir"
+        ) from None
+    return record
+
+
+def new_run_record(adopted: Optional[dict[int, Optional[str]]] = None) -> dict[str, Any]:
+    """A new run's ``run.json``: a fresh run id; ``adopted``: a run from before run ids, its checkpoints then."""
+    record: dict[str, Any] = {
+        "run_id": uuid.uuid4().hex,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if adopted is not None:
+        record["adopted"] = {str(step): digest for step, digest in sorted(adopted.items())}
+    return record
+
+
+def digest_free_until(workdir: Path) -> float:
+    """The highest step a checkpoint of this run without a digest may have: how a run proves it predates digests.
+
+    The code that saves digests also writes ``sessions.jsonl``, a line per start, before
+    its first checkpoint. So without that file (or with an empty one) no checkpoint of
+    the run was saved with a digest, and any may lack one (``math.inf``); with it, only
+    those up to the first session's ``start_step`` (saved before that start) may. An
+    unreadable first line vouches for none (-1).
+    """
+    path = workdir / SESSIONS_FILE
+    try:
+        first = path.read_text().split("\n", 1)[0]
+    except FileNotFoundError:
+        return math.inf
+    except (OSError, UnicodeDecodeError):
+        return -1
+    if not first.strip():
+        return math.inf
+    try:
+        step = json.loads(first).get("start_step")
+    except (ValueError, AttributeError):
+        return -1
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
+
+
 def append_session(workdir: Path, record: dict[str, Any]) -> None:
     """Appends one line to ``sessions.jsonl``: what this process start ran on (an OSError names the file)."""
     path = workdir / SESSIONS_FILE
@@ -354,23 +474,84 @@ def json_number(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+class EventFile:
+    """One TensorBoard event file, written synchronously by the calling thread (no writer thread, no queue).
+
+    tensorboardX's ``SummaryWriter`` hands events to a writer thread through a bounded
+    queue: when a write fails (a full disk) that thread dies, the queue fills, and the next
+    ``add_scalar`` blocks forever, holding the main thread (and its stop signal) with it.
+    Here a failing write raises its ``OSError`` (naming this file) in the caller, which
+    reports it as a failed write (exit 4). The file format is tensorboardX's: TFRecord
+    framing (length, masked CRC32C of it, the serialized ``Event``, its masked CRC32C)
+    under the name ``events.out.tfevents.<time>.<host>``, the first event its file version.
+    ``flush`` moves the bytes to the OS (as ``metrics.jsonl``'s records), no ``fsync``.
+
+    Example: ``f = EventFile(workdir / "tensorboard" / "seed0"); f.add_scalar("train/loss", 2.3, 10); f.flush()``.
+    """
+
+    def __init__(self, logdir: Path):
+        from tensorboardX.proto import event_pb2, summary_pb2  # imported late: only needed once training starts
+        from tensorboardX.record_writer import masked_crc32c
+
+        self._event, self._summary, self._crc = event_pb2.Event, summary_pb2.Summary, masked_crc32c
+        self.path = Path(logdir) / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        with self._naming_errors():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("ab")  # append: a second start in the same second adds to the file
+            self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    @contextlib.contextmanager
+    def _naming_errors(self):
+        try:
+            yield
+        except OSError as e:  # a failing write() does not name its file
+            e.filename = e.filename or str(self.path)
+            raise
+
+    def _write(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self.file.write(header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data)))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Appends one scalar (buffered; :meth:`flush` writes it)."""
+        summary = self._summary(value=[self._summary.Value(tag=tag, simple_value=float(value))])
+        with self._naming_errors():
+            self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        with self._naming_errors():
+            self.file.flush()
+
+    def close(self) -> None:
+        with self._naming_errors():
+            self.file.close()
+
+
 class MetricsLogger:
-    """metrics.jsonl and TensorBoard (one writer per seed); only process 0 writes."""
+    """metrics.jsonl and TensorBoard (one :class:`EventFile` per seed); only process 0 writes.
+
+    Every write happens in the calling thread and is flushed before :meth:`write` returns,
+    so a failed one (disk full, quota) raises an ``OSError`` naming its file there, and a
+    checkpoint saved after it never counts a record that did not reach the file.
+    ``records`` counts the lines of ``metrics.jsonl`` (kept and written), for the
+    checkpoints (:func:`metrics_shortfall`).
+    """
 
     def __init__(self, workdir: Path, seeds: Sequence[int], kept: Sequence[str], active: bool):
         """``kept``: the lines of metrics.jsonl up to the resumed step (:func:`read_metrics`)."""
-        self.active, self.seeds = active, list(seeds)
+        self.active, self.seeds, self.records = active, list(seeds), len(kept)
+        self.file, self.writers = None, []
         if not active:
             return
         path = workdir / METRICS_FILE
         self.path = path
         write_text(path, "".join(line + "\n" for line in kept))  # atomic: a full disk loses no record
         self.file = path.open("a")
-        from tensorboardX import SummaryWriter  # imported late: it is only needed once training starts
-
-        self.writers = [SummaryWriter(str(workdir / "tensorboard" / f"seed{s}")) for s in self.seeds]
+        self.writers = [EventFile(workdir / "tensorboard" / f"seed{s}") for s in self.seeds]
 
     def write(self, kind: str, epoch: int, step: int, per_seed: dict[str, np.ndarray], shared: dict[str, float]):
+        self.records += len(self.seeds)
         if not self.active:
             return
         try:
@@ -383,9 +564,11 @@ class MetricsLogger:
                     if k not in ("kind", "epoch", "step", "seed") and v is not None:
                         self.writers[i].add_scalar(self._tag(kind, k), v, step)
             self.file.flush()
-        except OSError as e:  # a failing write() does not name its file
+        except OSError as e:  # a failing write() does not name its file (the event files name theirs)
             e.filename = e.filename or str(self.path)
             raise
+        for w in self.writers:
+            w.flush()
 
     @staticmethod
     def _tag(kind: str, key: str) -> str:

@@ -1,4 +1,4 @@
-"""Stopping a run: stop signals (SIGTERM from a scheduler, SIGINT from Ctrl-C) and non-finite steps.
+"""Stopping a run: stop signals (SIGTERM from a scheduler, SIGINT from Ctrl-C, SIGHUP, SIGUSR1) and non-finite steps.
 
 A stop signal during the training loop is only recorded; the loop finishes the current
 call (``config.steps_per_call`` steps), saves a checkpoint at its last step (and waits for
@@ -24,7 +24,14 @@ __all__ = ["StopSignals", "FiniteFlags"]
 
 
 class StopSignals:
-    """SIGTERM / SIGINT over a whole run: what each one does depends on what the run has written.
+    """Stop signals over a whole run: what each one does depends on what the run has written.
+
+    The stop signals are SIGTERM (schedulers, ``kill``), SIGINT (Ctrl-C), SIGHUP (the
+    terminal closed, an ssh session dropped: left to its default it would end the run
+    without a checkpoint) and SIGUSR1 (the advance warning of schedulers such as Slurm's
+    ``--signal=USR1@60`` and of preemptible-VM agents); each is handled alike and the exit
+    status names it (``128 + signum``: 143, 130, 129, 138). A signal ignored when the run
+    starts (``nohup`` ignores SIGHUP, a shell's background job SIGINT) stays ignored.
 
     * Before :meth:`arm` (the run directory is not locked yet: nothing of the run is written)
       a signal ends the process at once, ``128 + signum``, with one line on stderr.
@@ -58,7 +65,7 @@ class StopSignals:
     the step to stop at and save the same step.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
     def __init__(self, resume_command: Optional[str] = None):
         """``resume_command``: the exact command that resumes the run, named by the second signal's line."""
@@ -82,7 +89,8 @@ class StopSignals:
             self._watcher.start()
             self._previous_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def arm(self) -> None:
@@ -113,7 +121,7 @@ class StopSignals:
             data = os.read(r, 64)
             if not data or self._closing:
                 return
-            for signum in (b for b in data if b in self.SIGNALS):
+            for signum in (b for b in data if b in self._previous):
                 self._seen += 1
                 if not self.armed:
                     _end_now(signum, _BEFORE_ARMED)

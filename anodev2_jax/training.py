@@ -49,7 +49,9 @@ import numpy as np
 from anodev2_jax import checkpoints, engine, models, optim, rundir, run_config, sharding, steps, stopping
 from anodev2_jax import data as data_lib
 from anodev2_jax.engine import epoch_indices
-from anodev2_jax.errors import ConfigError, NonFiniteError, Preempted, WorkdirInUse, WorkdirMismatch, WriteError
+from anodev2_jax.errors import (
+    ConfigError, NonFiniteError, OutOfMemory, Preempted, WorkdirInUse, WorkdirMismatch, WriteError, is_out_of_memory,
+)  # fmt: skip
 from anodev2_jax.run_config import RESUMABLE_FIELDS, default_workdir, validate_config
 from anodev2_jax.steps import TrainState
 
@@ -60,6 +62,7 @@ __all__ = [
     "NonFiniteError",
     "Preempted",
     "WriteError",
+    "OutOfMemory",
     "RESUMABLE_FIELDS",
     "TrainState",
     "default_workdir",
@@ -126,8 +129,11 @@ class Plan:
     finished: Optional[dict[str, Any]] = None  # the summary.json of a finished run (then nothing is restored)
     restored: Optional[tuple[TrainState, dict[str, np.ndarray]]] = None  # the latest usable checkpoint's state and loop
     restored_devices: Optional[int] = None  # the device count that wrote it (None: not recorded)
-    rejected: tuple[tuple[Path, str], ...] = ()  # newer checkpoints that cannot be used, and why
+    rejected: tuple[checkpoints.Rejected, ...] = ()  # newer checkpoints that cannot be used, and why
     metrics: tuple[str, ...] = ()  # the lines of metrics.jsonl up to the restored step
+    identity: Optional[checkpoints.RunIdentity] = None  # what ties a checkpoint to this run
+    run_record: Optional[dict[str, Any]] = None  # run.json to write (a new run, or one from before run ids)
+    metrics_warning: Optional[str] = None  # metrics.jsonl lost records older than the restored checkpoint
 
     @property
     def num_devices(self) -> int:
@@ -215,14 +221,28 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pr
     finished = rundir.finished_summary(workdir, plan.final_step)
     if finished is not None:
         return dataclasses.replace(plan, finished=finished)
+    record = rundir.read_run_record(workdir) if stored is not None else None  # a damaged run.json is bad input
+    fixed = run_config.fixed_fields(cfg, legacy)
+    if record is not None:
+        adopted = {int(step): digest for step, digest in record.get("adopted", {}).items()}
+        identity = checkpoints.RunIdentity(record["run_id"], fixed, adopted)
+    else:  # a new run, or one written before run ids (it gets its id now)
+        identity = checkpoints.RunIdentity(None, fixed, {}, rundir.digest_free_until(workdir))
+    plan = dataclasses.replace(plan, identity=identity, run_record=rundir.new_run_record() if stored is None else None)
     restored = _restore(plan)
     if restored is None:
         return plan
     state_and_loop, info = restored
+    if record is None:  # adopt the checkpoints it has (those not set aside), vouched for as older than run ids
+        adopted = checkpoints.adoptable(plan.ckpt_dir, identity, tuple(r.path for r in info.rejected))
+        adopted[info.step] = info.digest  # verified, or (from before digests) read back finite: its digest from now on
+        plan = dataclasses.replace(plan, run_record=rundir.new_run_record(adopted))
     metrics = rundir.read_metrics(workdir / rundir.METRICS_FILE, info.step)
+    shortfall = rundir.metrics_shortfall(workdir / rundir.METRICS_FILE, metrics, info.metrics_records, info.step)
     return dataclasses.replace(
-        plan, restored=state_and_loop, restored_devices=info.num_devices, rejected=info.rejected, metrics=tuple(metrics)
-    )
+        plan, restored=state_and_loop, restored_devices=info.num_devices, rejected=info.rejected, metrics=tuple(metrics),
+        metrics_warning=shortfall,
+    )  # fmt: skip
 
 
 def _restore(plan: Plan) -> Optional[tuple[tuple[TrainState, dict[str, np.ndarray]], checkpoints.Restored]]:
@@ -230,7 +250,7 @@ def _restore(plan: Plan) -> Optional[tuple[tuple[TrainState, dict[str, np.ndarra
     repl = sharding.replicated(plan.mesh)
     abstract = jax.eval_shape(plan.programs.init, plan.seeds_arr)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), _as_checkpoint(abstract))
-    restored = checkpoints.restore_latest(plan.ckpt_dir, {**target, "loop": zero_loop(len(plan.seeds))})
+    restored = checkpoints.restore_latest(plan.ckpt_dir, {**target, "loop": zero_loop(len(plan.seeds))}, plan.identity)
     if restored is None:
         return None
     tree = dict(restored.tree)
@@ -250,7 +270,7 @@ def _as_checkpoint(state: TrainState) -> dict[str, Any]:
 
 
 def open_run_directory(plan: Plan) -> checkpoints.Checkpointer:
-    """Writes ``config.json`` and a ``sessions.jsonl`` line, moves unusable checkpoints aside, opens the manager.
+    """Writes ``run.json`` (if new), ``config.json``, a ``sessions.jsonl`` line; sets bad checkpoints aside; opens the manager.
 
     Process 0 writes; called with the run directory's lock held.
     """
@@ -258,20 +278,28 @@ def open_run_directory(plan: Plan) -> checkpoints.Checkpointer:
     try:
         if plan.is_main:
             plan.workdir.mkdir(parents=True, exist_ok=True)
+            if plan.run_record is not None:  # before config.json: a run directory with a config has its run id
+                rundir.write_text(plan.workdir / rundir.RUN_FILE, json.dumps(plan.run_record, indent=2) + "\n")
             text = json.dumps(plan.cfg, indent=2, sort_keys=True) + "\n"
             rundir.write_text(plan.workdir / rundir.CONFIG_FILE, text)
             resumed = plan.ckpt_dir / str(_restored_step(plan))
-            for path, why in plan.rejected:  # out of the way, so that the run can save those steps again
-                aside = checkpoints.set_aside(path)
-                warning = f"warning: checkpoint {path} {why}; resuming from {resumed} instead ({path} moved to {aside})"
-                rundir.say(warning, sys.stderr)
+            for bad in plan.rejected:  # out of the way, so that the run can save those steps again
+                aside = checkpoints.set_aside(bad.path, "foreign" if bad.foreign else "corrupt")
+                moved = f"resuming from {resumed} instead ({bad.path} moved to {aside})"
+                rundir.say(f"warning: checkpoint {bad.path} {bad.why}; {moved}", sys.stderr)
+            if plan.metrics_warning:
+                rundir.say(plan.metrics_warning, sys.stderr)
             rundir.append_session(plan.workdir, _session(plan))
     except OSError as e:
         raise WriteError(
             e.filename or f"the run directory {plan.workdir}", e, checkpoints.last_checkpoint(plan.ckpt_dir)
         ) from e
     sharding.sync_processes("anodev2_jax:workdir_open")  # every process lists the checkpoints left in place
-    return checkpoints.Checkpointer(plan.ckpt_dir, plan.config.keep_checkpoints)
+    run_id = plan.identity.run_id
+    if plan.run_record is not None:  # made now: process 0's (each process drew its own uuid)
+        run_id = plan.run_record["run_id"] if plan.is_main else rundir.read_run_record(plan.workdir)["run_id"]
+    identity = plan.identity._replace(run_id=run_id)
+    return checkpoints.Checkpointer(plan.ckpt_dir, plan.config.keep_checkpoints, identity)
 
 
 def _session(plan: Plan) -> dict[str, Any]:
@@ -358,7 +386,8 @@ class Trainer:
     def save(self, loop: dict[str, Any]) -> Path:
         """Checkpoint of the current step with ``loop`` as its accumulators (asynchronous; syncs ``loop``)."""
         loop = {k: np.asarray(jax.device_get(loop[k]), dtype) for k, dtype in _LOOP_DTYPES.items()}
-        return self.ckpt.save(self.step, {**_as_checkpoint(self.state), "loop": loop}, self.plan.num_devices)
+        records = self.logger.records if self.logger is not None else None
+        return self.ckpt.save(self.step, {**_as_checkpoint(self.state), "loop": loop}, self.plan.num_devices, records)
 
     def stop(self, signum: int, loop: dict[str, Any]) -> None:
         """Saves the current step (unless just saved), waits for it and raises :class:`Preempted`."""
@@ -657,11 +686,14 @@ def train_and_evaluate(
         than the last good checkpoint was written.
       WriteError: writing the run directory failed (disk full...); the checkpoints
         written before are intact.
+      OutOfMemory: the host or a device ran out of memory (a ``MemoryError`` or XLA's
+        ``RESOURCE_EXHAUSTED``); the message says what to lower.
     """
     t_start = time.perf_counter()
     sharding.maybe_initialize_distributed(config)
     sharding.check_backend()  # before StopSignals asks JAX for the process count
-    with stopping.StopSignals(resume_command) as stop:  # until the lock, a signal ends the process at once: nothing is written yet
+    # Until the lock, a signal ends the process at once: nothing is written yet.
+    with stopping.StopSignals(resume_command) as stop, _naming_out_of_memory(config, workdir):
         plan = prepare(config, workdir)  # writes nothing
         if plan.finished is None:
             lock, plan = _lock(plan, config)
@@ -677,6 +709,18 @@ def train_and_evaluate(
         if plan.is_main:
             _print_finished(plan)
         return plan.finished
+
+
+@contextlib.contextmanager
+def _naming_out_of_memory(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """Out of memory anywhere in a run (data, compile, a step, the host copy of a checkpoint) as one :class:`OutOfMemory`."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        last = checkpoints.last_checkpoint(run_config.resolve_workdir(workdir) / checkpoints.CHECKPOINT_DIR)
+        raise OutOfMemory(e, config.batch_size, config.num_seeds, last, jax.default_backend()) from e
 
 
 def _lock(plan: Plan, config: ml_collections.ConfigDict) -> tuple[rundir.RunLock, Plan]:
@@ -721,7 +765,9 @@ def _run(plan: Plan, stop: stopping.StopSignals, t_start: float, resume_command:
         if plan.is_main:
             rundir.write_text(plan.workdir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     except OSError as e:  # metrics, TensorBoard or summary.json: a full disk, a quota, permissions
-        raise WriteError(e.filename or f"the run directory {plan.workdir}", e, checkpoints.last_checkpoint(plan.ckpt_dir)) from e
+        # The checkpoint in flight (of a checked state, its records written) lands first: the
+        # line names the one the rerun resumes from.
+        raise WriteError(e.filename or f"the run directory {plan.workdir}", e, ckpt.last_good()) from e
     finally:
         if logger is not None:
             with contextlib.suppress(Exception):  # an error in flight says more than a failed close

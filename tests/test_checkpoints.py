@@ -18,6 +18,7 @@ over for the checkpoint before it.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def test_a_run_written_before_the_layout_change_resumes_to_the_old_result(tmp_pa
         assert {k: v for k, v in got.items() if k not in numbers} == {k: v for k, v in want.items() if k not in numbers}
         np.testing.assert_allclose([got[k] for k in numbers], [want[k] for k in numbers], rtol=RTOL)
     assert (workdir / "checkpoints" / "2").is_dir()  # restored, unverified (no digest), not set aside
+    # It got a run id now; run.json lists checkpoint 2 as adopted, with the digest of what was read back.
+    record = json.loads((workdir / "run.json").read_text())
+    raw2, _ = checkpoints.restore_raw(workdir / "checkpoints", 2)
+    assert record["adopted"] == {"2": checkpoints.state_digest(raw2)}
+    meta4 = checkpoints.read_metadata(workdir / "checkpoints" / "4")
+    assert meta4[checkpoints.RUN_ID_KEY] == record["run_id"] and meta4[checkpoints.CONFIG_KEY]["method"] == "anodev2_conf2"
     tree, step = checkpoints.restore_raw(workdir / "checkpoints", 4)
     digest = _digest(tree)
     want = {k: (v["shape"], v["dtype"], v["sum"], v["abs_sum"], v["first"]) for k, v in expected["checkpoint_4"].items()}
@@ -170,7 +177,7 @@ def test_a_corrupt_checkpoint_is_passed_over_for_the_one_before(tmp_path):
         assert _changed_on_disk(ckpt_dir, 6, _tree(6)), fraction  # a real corruption, not a byte nobody reads
         restored = checkpoints.restore_latest(ckpt_dir, _target(_tree(6)))
         assert restored.step == 3 and restored.verified, fraction
-        ((path, why),) = restored.rejected
+        ((path, why, _),) = restored.rejected
         assert path == ckpt_dir / "6" and ("corrupt" in why or "cannot be restored" in why), why
         assert checkpoints.state_digest(restored.tree) == checkpoints.state_digest(_tree(3))
     # Nothing usable left: one line naming the newest checkpoint, exit 2's ConfigError.
@@ -191,7 +198,7 @@ def test_an_old_checkpoint_without_digest_that_reads_as_nan_is_corrupt(tmp_path)
         manager.wait_until_finished()
     restored = checkpoints.restore_latest(ckpt_dir, _target(nan))
     assert (restored.step, restored.verified, restored.num_devices) == (3, False, None)
-    ((path, why),) = restored.rejected
+    ((path, why, _),) = restored.rejected
     assert path == ckpt_dir / "6" and "NaN or Inf" in why and "corrupt" in why
 
 
@@ -210,3 +217,132 @@ def test_set_aside_keeps_the_checkpoint_out_of_the_listing(tmp_path):
     saver.wait()
     saver.close()
     assert checkpoints.checkpoint_steps(ckpt_dir) == [3] and (ckpt_dir / "3.corrupt").is_dir()
+
+
+# ----------------------------------------------------------------------------- damaged directories, provenance
+
+RUN_A, RUN_B = "a" * 32, "b" * 32
+
+
+def _identity(run_id=RUN_A, learning_rate=0.01, **kwargs):
+    return checkpoints.RunIdentity(run_id, {"model": "resnet4", "learning_rate": learning_rate}, **kwargs)
+
+
+def _save(ckpt_dir: Path, steps, identity=None):
+    saver = checkpoints.Checkpointer(ckpt_dir, keep=5, identity=identity)
+    for step in steps:
+        saver.save(step, _tree(step), metrics_records=2 * step)
+    saver.wait()
+    saver.close()
+
+
+def _empty(d: Path):
+    shutil.rmtree(d)
+    d.mkdir()
+
+
+def _file_in_place(d: Path):
+    shutil.rmtree(d)
+    d.write_text("")
+
+
+def _empty_item(d: Path):
+    shutil.rmtree(d / "default")
+    (d / "default").mkdir()
+
+
+# How a checkpoint directory can be damaged, and the words naming it. Each used to stop
+# orbax's manager for every step ("Must provide args of type Composite...") or be accepted
+# unverified (its metadata, which holds the digest, deleted).
+DAMAGE = {
+    "emptied": (_empty, "is empty"),
+    "default item deleted": (lambda d: shutil.rmtree(d / "default"), "has no default/ item"),
+    "default item emptied": (_empty_item, "cannot be restored"),
+    "metadata deleted": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), "has no readable _CHECKPOINT_METADATA"),
+    "metadata not JSON": (lambda d: (d / "_CHECKPOINT_METADATA").write_text("{oops"), "has no readable"),
+    "a file in its place": (_file_in_place, "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_of_any_kind_is_passed_over(tmp_path, damage):
+    make, words = DAMAGE[damage]
+    ckpt_dir = tmp_path / "checkpoints"
+    _save(ckpt_dir, (3, 6), _identity())
+    make(ckpt_dir / "6")
+    restored = checkpoints.restore_latest(ckpt_dir, _target(_tree(6)), _identity())
+    assert (restored.step, restored.verified, restored.metrics_records) == (3, True, 6)
+    assert checkpoints.state_digest(restored.tree) == checkpoints.state_digest(_tree(3))
+    ((path, why, foreign),) = restored.rejected
+    assert path == ckpt_dir / "6" and words in why and not foreign and "\n" not in why, why
+    assert checkpoints.set_aside(path) == ckpt_dir / "6.corrupt"  # a file too
+    _save(ckpt_dir, (6,), _identity())  # the step can be saved again
+    assert checkpoints.restore_latest(ckpt_dir, _target(_tree(6)), _identity()).step == 6
+
+
+def test_a_checkpoint_of_another_run_is_passed_over_as_foreign(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    _save(ckpt_dir, (3,), _identity())
+    _save(ckpt_dir, (6,), _identity(RUN_B, learning_rate=0.1))  # copied in from another run directory
+    target = _target(_tree(6))
+    restored = checkpoints.restore_latest(ckpt_dir, target, _identity())
+    assert restored.step == 3
+    ((path, why, foreign),) = restored.rejected
+    assert foreign and path == ckpt_dir / "6"
+    assert why == (
+        f"was written by another run (run id {RUN_B}, with learning_rate=0.1 (this run has 0.01); this run's is {RUN_A})"
+    )
+    # This run's id with other config values: its metadata was edited, or the id reused.
+    with pytest.raises(ConfigError, match=r"/6 records learning_rate=0.1 \(this run has 0.01\): it is another run's, or"):
+        checkpoints.restore_latest(ckpt_dir, target, _identity(RUN_B))  # and 3 is another run's for it
+    # A field this run has and the checkpoint lacks (added to the config since) is not compared.
+    newer = _identity(RUN_B, learning_rate=0.1)._replace(config={"model": "resnet4", "learning_rate": 0.1, "augment": True})
+    assert checkpoints.restore_latest(ckpt_dir, target, newer).step == 6
+    # Without a run to tie them to (a tool reading any checkpoint), both verify by their digests.
+    assert checkpoints.restore_latest(ckpt_dir, target).step == 6
+    # A run directory without run.json (a run from before run ids) has no checkpoint with one.
+    restore_it = f'no run.json naming its run: if that was deleted, restore it as {{"run_id": "{RUN_B}"}}'
+    with pytest.raises(ConfigError, match=restore_it):
+        checkpoints.restore_latest(ckpt_dir, target, _identity(None))
+
+
+def test_checkpoints_from_before_run_ids_and_digests_are_vouched_for_only_by_their_run(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    _save(ckpt_dir, (3,))  # as the code before run ids wrote them: a digest, no run id
+    with ocp.CheckpointManager(ckpt_dir.absolute()) as manager:  # ... and before digests: no metadata at all
+        manager.save(6, args=ocp.args.StandardSave(_tree(6)))
+        manager.wait_until_finished()
+    target, d3, d6 = _target(_tree(6)), checkpoints.state_digest(_tree(3)), checkpoints.state_digest(_tree(6))
+
+    # Not adopted yet (no run.json). Without sessions.jsonl no checkpoint of the run had a
+    # digest: 6 restores, checked for tree, shapes and finite values, and its digest is known.
+    old = checkpoints.RunIdentity(None, {}, {}, math.inf)
+    restored = checkpoints.restore_latest(ckpt_dir, target, old)
+    assert (restored.step, restored.verified, restored.digest, restored.rejected) == (6, False, d6, ())
+    assert checkpoints.adoptable(ckpt_dir, old) == {3: d3, 6: None}
+    # sessions.jsonl says code writing digests first started at step 3: 6 was saved after,
+    # so its missing digest is damage (its metadata deleted), not age.
+    started_at_3 = old._replace(digest_free_until=3)
+    restored = checkpoints.restore_latest(ckpt_dir, target, started_at_3)
+    assert (restored.step, restored.verified) == (3, True)
+    assert restored.rejected[0].why.startswith("has no digest, but sessions.jsonl shows")
+    assert checkpoints.adoptable(ckpt_dir, started_at_3) == {3: d3}
+
+    # Adopted (run.json lists them with the digests known then): they restore, verified.
+    adopted = _identity(adopted={3: d3, 6: d6})
+    restored = checkpoints.restore_latest(ckpt_dir, target, adopted)
+    assert (restored.step, restored.verified) == (6, True)
+    # Metadata deleted and a bit flipped: the adopted digest still catches it.
+    flip_bit(array_data_file(ckpt_dir / "6"), 0.45)
+    restored = checkpoints.restore_latest(ckpt_dir, target, adopted)
+    assert restored.step == 3 and restored.rejected[0].path == ckpt_dir / "6"
+    # A run with run ids vouches for no checkpoint without one that it did not adopt.
+    (ckpt_dir / "3" / "_CHECKPOINT_METADATA").unlink()
+    with pytest.raises(ConfigError, match=r"checkpoints/6 .*nor can the 1 before it"):
+        checkpoints.restore_latest(ckpt_dir, target, _identity())
+    shutil.rmtree(ckpt_dir / "6")
+    _save(tmp_path / "other", (3,))
+    shutil.rmtree(ckpt_dir / "3")
+    shutil.copytree(tmp_path / "other" / "3", ckpt_dir / "3")  # an older run's, copied in
+    with pytest.raises(ConfigError, match=r"checkpoints/3 carries no run id, so this run did not write it"):
+        checkpoints.restore_latest(ckpt_dir, target, _identity())

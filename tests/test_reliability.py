@@ -37,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
 
-from anodev2_jax import checkpoints, data, errors, training  # noqa: E402
+from anodev2_jax import checkpoints, data, engine, errors, training  # noqa: E402
 
 from helpers import array_data_file, flip_bit  # noqa: E402
 
@@ -72,7 +73,45 @@ FILE_SIZE_LIMITED = (
 )
 
 
-def start(workdir: Path, cache: Path, max_file_bytes=None) -> subprocess.Popen:
+# The disk fills just after a checkpoint, while TensorBoard writes (issue 22: tensorboardX's
+# writer thread died and the main thread blocked forever on its queue): once checkpoint
+# argv[1] is complete, every write into an event file fails with ENOSPC, as the kernel
+# fails it (the files' write(), under the code that frames and flushes the events).
+ENOSPC_IN_EVENT_FILES = textwrap.dedent(
+    """
+    import errno, os, runpy, sys
+    from pathlib import Path
+    from anodev2_jax import rundir
+
+    done, init = Path(sys.argv[1]), rundir.EventFile.__init__
+
+    class Filling:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if done.is_dir():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def flush(self):
+            return self.f.flush()
+
+        def close(self):
+            return self.f.close()
+
+    def filling_init(self, logdir):
+        init(self, logdir)
+        self.file = Filling(self.file)
+
+    rundir.EventFile.__init__ = filling_init
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def start(workdir: Path, cache: Path, max_file_bytes=None, full_after=None) -> subprocess.Popen:
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -84,6 +123,8 @@ def start(workdir: Path, cache: Path, max_file_bytes=None) -> subprocess.Popen:
     command = [str(REPO / "train.py"), *ARGS, f"--workdir={workdir}"]
     if max_file_bytes is not None:
         command = ["-c", FILE_SIZE_LIMITED, str(max_file_bytes), *command]
+    if full_after is not None:  # the checkpoint after which the disk is full for TensorBoard's files
+        command = ["-c", ENOSPC_IN_EVENT_FILES, str(full_after), *command]
     return subprocess.Popen(
         [sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -245,6 +286,38 @@ def test_killed_stopped_and_failed_run_resumes_to_the_uninterrupted_result(tmp_p
     assert [(r["kind"], r["step"]) for r in metrics(work)] == [
         ("step", 3), ("epoch", 4), ("step", 6), ("epoch", 8), ("step", 9), ("step", 12), ("epoch", 12)
     ]  # fmt: skip
+
+
+@pytest.mark.exact
+def test_a_full_disk_while_tensorboard_writes_exits_4_at_once_and_resumes(tmp_path, cache, reference):
+    """ENOSPC in the event files just after checkpoint 4: one line, exit 4, no hang; the rerun ends as the uninterrupted run.
+
+    ``finish`` gives up after 300 s: the run this replaces never ended (a first SIGTERM
+    was not acted on either, the main thread being blocked in tensorboardX's queue).
+    """
+    work = tmp_path / "run"
+    ckpt = work / "checkpoints"
+    reference.done()  # its programs are in the cache: this run's compile is not what it waits on
+    run = start(work, cache, full_after=ckpt / "4")
+    out, err = finish(run)
+    assert run.returncode == 4, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    found = re.fullmatch(
+        rf"error: writing {re.escape(str(work / 'tensorboard' / 'seed0'))}/events\.out\.tfevents\.\d+\.\S+ failed: "
+        r"No space left on device \(ENOSPC\); free disk space or fix the permissions there, then rerun the same "
+        rf"command: it resumes from the last complete checkpoint {re.escape(str(ckpt))}/(\d+)",
+        lines[0],
+    )
+    assert found, lines[0]
+    # The first event write after checkpoint 4 landed failed: at step 6, or at 9 if the
+    # save of 4 took longer than epoch 2 (then 8, in flight, landed before the line).
+    last = int(found.group(1))
+    assert last in (4, 8) and complete_checkpoints(work) == [4, 8][: last // 4], (last, complete_checkpoints(work))
+    run = start(work, cache)
+    out, err = finish(run)
+    assert run.returncode == 0 and f"(resumed from step {last})" in out, err[-3000:]
+    assert_same_run(work, reference.done())
 
 
 # ----------------------------------------------------------------------------- one writer, finished runs
@@ -434,7 +507,7 @@ def test_a_corrupt_checkpoint_is_named_and_the_run_resumes_from_the_last_good_on
             pass
         plan = training.prepare(tiny_config(num_epochs=3), work)
         assert int(np.asarray(plan.restored[0].step)[0]) == 2, fraction
-        ((path, why),) = plan.rejected
+        ((path, why, _),) = plan.rejected
         assert path == ckpt / "4" and ("corrupt" in why or "cannot be restored" in why), why
     capsys.readouterr()
     summary = training.train_and_evaluate(tiny_config(num_epochs=3), work)  # the last copy
@@ -472,3 +545,131 @@ def test_a_resume_on_another_device_count_says_so_and_each_session_is_recorded(t
     )
     sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
     assert [(r["start_step"], r["num_devices"], r["num_processes"]) for r in sessions] == [(0, 1, 1), (4, 1, 1)]
+
+
+# ----------------------------------------------------------------------------- damaged and foreign checkpoints
+
+
+def _copy_unfinished(src: Path, dst: Path) -> Path:
+    """A copy of a finished run directory without its summary.json: stopped after its last checkpoint."""
+    shutil.copytree(src, dst)
+    (dst / "summary.json").unlink()
+    return dst
+
+
+def _emptied(step_dir: Path) -> None:
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+@pytest.mark.exact
+def test_another_runs_or_a_damaged_newest_checkpoint_is_set_aside_and_the_run_ends_as_its_own(tmp_path, capsys):
+    """Another run's final checkpoint copied in, or the final one emptied: the run redoes its last epoch from its own."""
+    ref, other = tmp_path / "ref", tmp_path / "other"
+    expected = training.train_and_evaluate(tiny_config(), ref)  # checkpoints 2 and 4
+    training.train_and_evaluate(tiny_config(learning_rate=0.02), other)  # the same model, another lr
+    run_id = json.loads((ref / "run.json").read_text())["run_id"]
+    other_id = json.loads((other / "run.json").read_text())["run_id"]
+    assert run_id != other_id
+
+    def rerun(work, kind):
+        ckpt = work / "checkpoints"
+        capsys.readouterr()
+        summary = training.train_and_evaluate(tiny_config(), work)
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"warning: checkpoint {ckpt / '4'} "), err
+        assert err.endswith(f"; resuming from {ckpt / '2'} instead ({ckpt / '4'} moved to {ckpt / ('4.' + kind)})"), err
+        assert summary["resumed_from_step"] == 2 and (ckpt / f"4.{kind}").is_dir()
+        assert summary["test_accuracy"] == expected["test_accuracy"] and summary["test_loss"] == expected["test_loss"]
+        assert_bitwise_equal(raw_checkpoint(work, 4), raw_checkpoint(ref, 4))
+        assert metrics(work) == metrics(ref)
+        return err
+
+    # 1. Accepted silently before: the summary had the other run's accuracy.
+    foreign = _copy_unfinished(ref, tmp_path / "foreign")
+    shutil.rmtree(foreign / "checkpoints" / "4")
+    shutil.copytree(other / "checkpoints" / "4", foreign / "checkpoints" / "4")
+    err = rerun(foreign, "foreign")
+    assert (
+        f"4 was written by another run (run id {other_id}, with learning_rate=0.02 (this run has 0.01); this run's "
+        f"is {run_id})" in err
+    )
+
+    # 2. Emptied: orbax's manager then refused every step, and the run exited 2.
+    emptied = _copy_unfinished(ref, tmp_path / "emptied")
+    _emptied(emptied / "checkpoints" / "4")
+    assert "4 is empty: it is incomplete or damaged" in rerun(emptied, "corrupt")
+
+    # 3. Its metadata (and digest) deleted and a bit flipped: not "from before digests" (this
+    #    run has a run id), so it is not read unverified.
+    stripped = _copy_unfinished(ref, tmp_path / "stripped")
+    (stripped / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()
+    flip_bit(array_data_file(stripped / "checkpoints" / "4"), 0.45)
+    plan = training.prepare(tiny_config(), stripped)
+    assert int(np.asarray(plan.restored[0].step)[0]) == 2
+    ((path, why, foreign_kind),) = plan.rejected
+    assert path == stripped / "checkpoints" / "4" and "has no readable _CHECKPOINT_METADATA" in why and not foreign_kind
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl cut, out of memory
+
+
+def test_metrics_cut_in_an_early_line_is_named_and_a_crash_cut_is_not(tmp_path, capsys):
+    base = tmp_path / "base"
+    training.train_and_evaluate(tiny_config(), base)  # per epoch: step records 1, 2 and the epoch record (step 2)
+    lines = (base / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert [(r["kind"], r["step"]) for r in metrics(base)] == [("step", 1), ("step", 2), ("epoch", 2), ("step", 3),
+                                                                ("step", 4), ("epoch", 4)]  # fmt: skip
+
+    # A crash cuts only a record younger than the last checkpoint: dropped without a word.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(base, crashed)
+    with (crashed / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "step", "epoch": 5, "st')
+    capsys.readouterr()
+    training.train_and_evaluate(tiny_config(num_epochs=3), crashed)
+    assert capsys.readouterr().err == ""
+    assert [r["step"] for r in metrics(crashed)] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
+
+    # Cut in the middle of line 2 (a truncated copy): 5 of the records of checkpoint 4 are
+    # gone; the run says which, and goes on with line 1.
+    cut = tmp_path / "cut"
+    shutil.copytree(base, cut)
+    (cut / "metrics.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    capsys.readouterr()
+    training.train_and_evaluate(tiny_config(num_epochs=3), cut)
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"warning: {cut / 'metrics.jsonl'} holds 1 of the 6 records written up to checkpoint step 4: it was cut (or "
+        "edited) after they were written; the 5 records after step 1 up to step 4 are lost, the run goes on with the 1 "
+        "kept and appends after them"
+    )
+    assert [r["step"] for r in metrics(cut)] == [1, 5, 6, 6]
+
+
+@pytest.mark.parametrize(
+    "error, where",
+    [
+        (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."), "cpu device"),
+        (MemoryError("Unable to allocate 1.00 GiB for an array with shape (268435456,) and data type float32"), "host"),
+    ],
+    ids=["device", "host"],
+)
+def test_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, monkeypatch, error, where):
+    train, calls = engine.DeviceEngine.train, []
+
+    def exhausted(self, state, i, n):  # the third step (epoch 2, after checkpoint 2) runs out of memory
+        calls.append(i)
+        if len(calls) == 3:
+            raise error
+        return train(self, state, i, n)
+
+    monkeypatch.setattr(engine.DeviceEngine, "train", exhausted)
+    with pytest.raises(errors.OutOfMemory) as info:
+        training.train_and_evaluate(tiny_config(), tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"out of memory on the {where} (") and "\n" not in message
+    assert "rerun the command with a smaller --config.remat_budget_mb" in message
+    assert f"(it resumes from {tmp_path / 'checkpoints' / '2'})" in message
+    assert "--config.batch_size (now 8)" in message and info.value.cause is error
+    assert complete_checkpoints(tmp_path) == [2]

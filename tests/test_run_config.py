@@ -48,14 +48,17 @@ def test_ranges_that_would_fail_in_the_middle_of_set_up():
     for overrides, match in (
         (dict(seed=3_000_000_000), r"config.seed=3000000000 is invalid: it must be an integer in \[0, 2147483647\]"),
         (dict(seed=2**31 - 1, num_seeds=2), "runs seeds up to 2147483648, beyond int32"),
-        (dict(steps_z=100_000), r"steps_z=100000 is invalid: it must be an integer in \[1, 1000\] or None .*unrolled"),
-        (dict(steps_w=1001), "steps_w=1001 is invalid"),
+        (dict(steps_z=100_000), r"steps_z=100000 is invalid: it must be an integer in \[1, 100\] or None .*unrolled"),
+        (dict(steps_w=101), "steps_w=101 is invalid"),  # beyond what compiles in minutes (run_config.MAX_ODE_STEPS)
     ):
         config = default.get_config()
         for name, value in overrides.items():
             config[name] = value
         with pytest.raises(training.ConfigError, match=match):
             training.validate_config(config)
+    config = default.get_config("anodev2_conf1")
+    config.steps_z = config.steps_w = run_config.MAX_ODE_STEPS
+    training.validate_config(config)  # the end of the range is in it
 
 
 def test_workdir_expands_the_home_directory_and_refuses_empty():

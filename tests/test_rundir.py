@@ -5,14 +5,19 @@ second process: ``flock`` locks belong to open files, not processes); two real
 ``train.py`` processes on one workdir are in ``test_reliability.py``.
 """
 
+import errno
 import io
 import json
+import math
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from anodev2_jax import errors, rundir
@@ -170,3 +175,140 @@ def test_progress_is_a_bar_on_a_terminal_and_one_line_per_epoch_in_a_file(monkey
 
 def test_durations_read_as_clock_times():
     assert [rundir.duration(s) for s in (0, 59.6, 3723, 90061)] == ["0:00:00", "0:01:00", "1:02:03", "1d 1:01:01"]
+
+
+# ----------------------------------------------------------------------------- entries, run.json, sessions, metrics
+
+
+def test_check_workdir_refuses_devices_fifos_and_dangling_symlinks_as_its_files(tmp_path):
+    cfg = {"num_epochs": 1}
+    cases = {
+        rundir.LOCK_FILE: (lambda p: p.symlink_to(os.devnull), f"is a symlink to {os.devnull}, not a regular file"),
+        rundir.METRICS_FILE: (os.mkfifo, "is not a regular file"),  # reading it would block
+        rundir.RUN_FILE: (lambda p: p.symlink_to(tmp_path / "nowhere"), "which does not exist"),
+    }
+    for name, (make, words) in cases.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        make(workdir / name)
+        with pytest.raises(errors.ConfigError, match="a run keeps a file") as info:
+            rundir.check_workdir(workdir, cfg)
+        assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
+        rundir.check_not_in_use(workdir)  # the probe neither blocks nor fails on them
+
+
+def test_an_emptied_config_json_is_named_as_damage_not_a_config_mismatch(tmp_path):
+    from configs import default
+
+    from anodev2_jax import run_config
+
+    cfg = run_config.config_dict(default.get_config())
+    (tmp_path / rundir.CONFIG_FILE).write_text("{}")
+    with pytest.raises(errors.ConfigError) as info:
+        rundir.check_workdir(tmp_path, cfg)
+    message = str(info.value)
+    assert re.search(r"config.json lacks field\(s\) \w+, \w+, \w+, \w+ and \d+ more that every run records", message)
+    assert "emptied or edited" in message
+    assert not isinstance(info.value, errors.WorkdirMismatch) and "--config." not in message
+    (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({k: v for k, v in cfg.items() if k != "dtype"}))
+    assert rundir.check_workdir(tmp_path, cfg)["model"] == cfg["model"]  # a field added since is not damage
+
+
+def test_run_record_and_the_sessions_that_date_a_run(tmp_path):
+    assert rundir.read_run_record(tmp_path) is None  # a run from before run ids
+    record = rundir.new_run_record({4: "ab" * 32, 2: None})
+    assert len(record["run_id"]) == 32 and record["adopted"] == {"2": None, "4": "ab" * 32}
+    assert rundir.new_run_record()["run_id"] != record["run_id"] and "adopted" not in rundir.new_run_record()
+    (tmp_path / rundir.RUN_FILE).write_text(json.dumps(record))
+    assert rundir.read_run_record(tmp_path) == record
+    for damaged in ("", "[]", '{"run_id": 3}', '{"run_id": "x", "adopted": {"two": null}}'):
+        (tmp_path / rundir.RUN_FILE).write_text(damaged)
+        with pytest.raises(errors.ConfigError, match="run.json is damaged .*restore it .*anodev2_run_id") as info:
+            rundir.read_run_record(tmp_path)
+        assert "\n" not in str(info.value)
+
+    sessions = tmp_path / rundir.SESSIONS_FILE
+    assert rundir.digest_free_until(tmp_path) == math.inf  # no session of code that writes digests
+    sessions.write_text(json.dumps({"start_step": 8, "pid": 1}) + "\n" + json.dumps({"start_step": 12}) + "\n")
+    assert rundir.digest_free_until(tmp_path) == 8  # the first one's
+    for unreadable in ("{oops\n", '{"start_step": "8"}\n', "[8]\n"):
+        sessions.write_text(unreadable)
+        assert rundir.digest_free_until(tmp_path) == -1, unreadable
+
+
+def test_metrics_lost_before_the_checkpoint_are_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "step", "step": s}) for s in (1, 2, 3, 4)]
+    assert rundir.metrics_shortfall(path, lines, 4, 4) is None
+    assert rundir.metrics_shortfall(path, lines, None, 4) is None  # a checkpoint of older code: no count
+    warning = rundir.metrics_shortfall(path, lines[:1], 4, 4)
+    assert warning == (
+        f"warning: {path} holds 1 of the 4 records written up to checkpoint step 4: it was cut (or edited) after "
+        "they were written; the 3 records after step 1 up to step 4 are lost, the run goes on with the 1 kept and "
+        "appends after them"
+    )
+
+
+# ----------------------------------------------------------------------------- TensorBoard event files
+
+
+def _read_events(path):
+    """The events of a TFRecord event file, every length and record checked against its masked CRC32C."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, events, i = path.read_bytes(), [], 0
+    while i < len(data):
+        header = data[i : i + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[i + 8 : i + 12])[0] == masked_crc32c(header)
+        body = data[i + 12 : i + 12 + n]
+        assert struct.unpack("<I", data[i + 12 + n : i + 16 + n])[0] == masked_crc32c(body)
+        events.append(event_pb2.Event.FromString(body))
+        i += 16 + n
+    return events
+
+
+def _contents(events):
+    return [(e.file_version, e.step, [(v.tag, v.simple_value) for v in e.summary.value]) for e in events]
+
+
+def test_event_files_hold_what_tensorboardX_writes(tmp_path):
+    from tensorboardX import SummaryWriter
+
+    scalars = [("train/loss", 2.5, 4), ("steps/train_accuracy", 0.125, 3), ("learning_rate", 0.1, 4)]
+    ours = rundir.EventFile(tmp_path / "ours")
+    theirs = SummaryWriter(str(tmp_path / "theirs"))
+    for tag, value, step in scalars:
+        ours.add_scalar(tag, value, step)
+        theirs.add_scalar(tag, value, step)
+    ours.close()
+    theirs.close()
+    (mine,), (reference,) = (list((tmp_path / d).iterdir()) for d in ("ours", "theirs"))
+    assert mine.name.startswith("events.out.tfevents.") and mine.name.split(".")[-1] == reference.name.split(".")[-1]
+    assert _contents(_read_events(mine)) == _contents(_read_events(reference))
+    assert _contents(_read_events(mine))[0][0] == "brain.Event:2"
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk (what the kernel returns: ENOSPC)."""
+
+    def write(self, data=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
+
+    def close(self):
+        pass
+
+
+def test_a_full_disk_under_an_event_file_raises_in_the_caller_naming_it(tmp_path):
+    """No writer thread and no queue: the OSError reaches the training loop (exit 4), it never waits on a dead thread."""
+    logger = rundir.MetricsLogger(tmp_path, [0, 1], [], True)
+    logger.writers[1].file = _FullDisk()  # the disk fills while seed 1's events are written
+    with pytest.raises(OSError) as info:
+        logger.write("step", 1, 3, {"train_loss": np.asarray([1.0, 2.0])}, {"learning_rate": 0.1})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(logger.writers[1].path)
+    assert logger.records == 2
+    with pytest.raises(OSError, match="No space left"):  # flush, close: each names its file too
+        logger.writers[1].flush()

@@ -69,6 +69,33 @@ def test_a_second_signal_ends_the_process_at_once_even_inside_a_long_c_call():
         assert "survived" not in result.stdout and took < 1.0, took  # in the middle of the C call, not after it
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["SIGHUP", "SIGUSR1"])
+def test_sighup_and_sigusr1_stop_a_run_as_sigterm_does(signum):
+    """A closed terminal (SIGHUP) or a scheduler's warning (SIGUSR1) no longer ends a run without a checkpoint."""
+    with stopping.StopSignals() as stop:  # the first: recorded, the loop saves a checkpoint and stops
+        stop.arm()
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        assert stop.requested(1) and stop.signum == signum
+    result, took = _signalled("armed", [signum, signum])  # the second: at once, 128 + signum
+    assert result.returncode == 128 + signum, (result.returncode, result.stderr)
+    assert result.stderr.startswith(f"received {signum.name} again: stopped at once without saving") and took < 1.0
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup python train.py ...` starts it
+    try:
+        with stopping.StopSignals() as stop:
+            stop.arm()
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert not stop.requested(1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_before_arming_the_first_signal_ends_the_process_at_once():
     result, took = _signalled("unarmed", [signal.SIGTERM])
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
@@ -79,7 +106,7 @@ def test_before_arming_the_first_signal_ends_the_process_at_once():
 
 
 def test_first_signal_after_arming_is_recorded_and_handlers_are_restored():
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.getsignal(s) for s in stopping.StopSignals.SIGNALS}
     wakeup = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(wakeup)
     with stopping.StopSignals() as stop:

@@ -1,6 +1,6 @@
 """``python train.py`` in subprocesses: true exit codes and stderr for bad input, and one smoke run.
 
-Every bad input, tried as a new user would (a table of 34), must exit non-zero (2, or 4 for
+Every bad input, tried as a new user would (a table of 36), must exit non-zero (2, or 4 for
 a failed write) with ONE line on stderr naming the field (or cause) and the fix, without a
 traceback, and leave the workdir as it was: each case runs against a workdir that already
 holds a run (config.json, a checkpoint, metrics), hashed before and after. Kill / resume,
@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -136,6 +137,16 @@ def _damaged_metrics(data: bytes):
     return args
 
 
+def _lock_to_dev_null(tmp_path, run):
+    (run / "run.lock").symlink_to(os.devnull)  # was a failed write (exit 4, "free disk space")
+    return SMOKE
+
+
+def _emptied_config(tmp_path, run):
+    (run / "config.json").write_text("{}")  # was read as a run of adjoint=None ("use --config.adjoint=None")
+    return SMOKE
+
+
 def _metrics_folder(tmp_path, run):
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").mkdir()
@@ -200,7 +211,7 @@ CASES = {
     "workdir of another config": Case(
         [*SMOKE, "--config.method=anode"], ["method='anodev2_conf2'", "--config.method='anodev2_conf2'", "new --workdir"]
     ),
-    "corrupt checkpoint": Case(SMOKE, ["checkpoints/3 cannot be restored", "corrupt", "new --workdir"]),
+    "corrupt checkpoint": Case(SMOKE, ["checkpoints/3 has no default/ item", "corrupt", "new --workdir"]),
     "foreign checkpoint": Case(_foreign_checkpoint, ["checkpoints/3", "another model", "new --workdir"]),
     "workdir not writable": Case(_read_only_workdir, ["is not writable", "permissions", "another --workdir"]),
     "config file with a syntax error": Case(
@@ -215,7 +226,7 @@ CASES = {
         [*SMOKE, "--config.seed=3000000000"], ["config.seed=3000000000", "[0, 2147483647]", "--config.seed"]
     ),
     "steps_z in the hundred thousands": Case(
-        [*SMOKE, "--config.steps_z=100000"], ["config.steps_z=100000", "[1, 1000]", "unrolled", "--config.steps_z"]
+        [*SMOKE, "--config.steps_z=100000"], ["config.steps_z=100000", "[1, 100]", "unrolled", "--config.steps_z"]
     ),
     "JAX platform not installed": Case(
         SMOKE, ["JAX_PLATFORMS='cuda'", "set JAX_PLATFORMS=cpu", "install"], env={"JAX_PLATFORMS": "cuda"}
@@ -232,6 +243,10 @@ CASES = {
     ),
     "metrics not UTF-8": Case(_damaged_metrics(b"\xff\xfe\n"), ["metrics.jsonl line 2 is not UTF-8", "damaged"]),
     "metrics.jsonl a folder": Case(_metrics_folder, ["metrics.jsonl is a folder", "move it out"]),
+    "run.lock a symlink to /dev/null": Case(
+        _lock_to_dev_null, [f"run.lock is a symlink to {os.devnull}, not a regular file", "move it out"]
+    ),
+    "config.json emptied": Case(_emptied_config, ["config.json lacks field(s)", "emptied or edited", "new --workdir"]),
     "workdir in use": Case(
         _workdir_in_use, ["is in use by another run", f"PID {os.getpid()}", f"kill {os.getpid()}", "another --workdir"]
     ),
@@ -280,6 +295,34 @@ def test_a_stop_signal_before_anything_is_written_ends_at_once(existing_run):
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert len(err.strip().splitlines()) == 1 and err.startswith("received SIGTERM"), err
+    assert tree_hash(existing_run) == before
+
+
+# Loading the data runs out of host memory (a MemoryError, as numpy raises it under ``ulimit -v``).
+OUT_OF_MEMORY = textwrap.dedent(
+    """
+    import runpy, sys
+    from anodev2_jax import data
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 24.0 MiB for an array with shape (1024, 32, 32, 3)")
+
+    data.load_dataset = exhausted
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def test_out_of_memory_is_one_line_and_exit_5(existing_run):
+    before = tree_hash(existing_run)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    args = [sys.executable, "-c", OUT_OF_MEMORY, str(REPO / "train.py"), *SMOKE, f"--workdir={existing_run}"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory on the host (Unable to allocate 24.0 MiB"), lines
+    assert "--config.batch_size (now" in lines[0] and "Traceback" not in proc.stderr
     assert tree_hash(existing_run) == before
 
 

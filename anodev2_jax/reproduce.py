@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -83,6 +84,7 @@ __all__ = [
     "base_config",
     "make_config",
     "is_done",
+    "own_flags",
     "report",
     "main",
 ]
@@ -534,8 +536,25 @@ def is_done(workdir: str | Path, config) -> bool:
 _FLAGS = {
     "num_epochs": "--epochs", "lr_boundaries_epochs": "--epochs", "dataset": "--dataset", "num_seeds": "--num-seeds",
     "seed": "--seed", "num_train": "--num-train", "num_test": "--num-test", "batch_size": "--batch-size",
-    "learning_rate": "--learning-rate",
+    "learning_rate": "--learning-rate", "data_dir": "--data-dir",
 }  # fmt: skip
+_CONFIG_FLAG = re.compile(r"--config\.(\w+)(=\S*)?")
+
+
+def own_flags(message: str) -> str:
+    """``message`` (written for train.py) with each ``--config.FIELD[=VALUE]`` in this command's flags.
+
+    A field this command has no flag for is named as a field of ``configs/<model>.py``.
+    """
+
+    def swap(m: re.Match) -> str:
+        flag = _FLAGS.get(m.group(1))
+        if flag is None or m.group(1) == "lr_boundaries_epochs":
+            return f"{m.group(1)} (a field of configs/<model>.py; this command has no flag for it)"
+        value = (m.group(2) or "")[1:]
+        return f"{flag} {value}" if value else flag
+
+    return _CONFIG_FLAG.sub(swap, " ".join(str(message).split()))
 
 
 def _mismatch_text(e) -> str:
@@ -638,7 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/reproduce", help="root of the run directories <workdir>/<model>/<method>")
     p.add_argument("--out", default=None, help="markdown output (default <workdir>/results.md)")
     p.add_argument("--epochs", type=int, default=None, help="num_epochs (default: the config's Appendix C schedule)")
-    p.add_argument("--dataset", default=None, help="cifar10 | cifar10_local | npz | synthetic (default: config's cifar10)")
+    p.add_argument(
+        "--dataset", default=None,
+        help="cifar10 | cifar10_local | npz | synthetic | digits (default: the config's cifar10; see anodev2_jax/data.py)",
+    )
     p.add_argument("--data-dir", default=None, help="data_dir of the dataset")
     p.add_argument("--num-seeds", type=int, default=PAPER_SEEDS, help="seeds per method, trained vmapped (default 5)")
     p.add_argument("--seed", type=int, default=None, help="first seed (default: the config's 0)")
@@ -726,13 +748,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {_mismatch_text(e)}", file=sys.stderr)
         return 2
     except (training.ConfigError, data_lib.DataError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {own_flags(e)}", file=sys.stderr)
         return 2
     except training.Preempted as e:  # checkpoint saved: rerunning the sweep resumes this run, skips finished ones
         print(f"{e} (rerun the same reproduce command to continue the sweep)", file=sys.stderr)
         return 128 + e.signum
     except (training.NonFiniteError, training.WriteError) as e:  # train.py's exit codes
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {own_flags(e)}", file=sys.stderr)
         return 3 if isinstance(e, training.NonFiniteError) else 4
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -6,6 +6,9 @@ Usage::
     python -m anodev2_jax.reproduce --model all --table 1 2 4 --dataset cifar10_local --data-dir ~/data
     # every evolution operator q and time kernel K in configuration 1, beside the paper's methods:
     python -m anodev2_jax.reproduce --table evolution --dataset npz --data-dir /tmp/digits32.npz --epochs 15
+    # offline, on real images: scikit-learn's digits without flips, at configs/digits.py's lr and batch
+    python -m anodev2_jax.reproduce --table 1 --dataset digits --augment crop --learning-rate 0.01 \
+        --batch-size 100 --epochs 15
     # a short run on generated data (seconds to minutes on a CPU):
     python -m anodev2_jax.reproduce --model resnet4 --table 2 --dataset synthetic \
         --epochs 1 --num-train 64 --num-test 64 --batch-size 32 --num-seeds 2 --workdir /tmp/repro
@@ -536,7 +539,7 @@ def is_done(workdir: str | Path, config) -> bool:
 _FLAGS = {
     "num_epochs": "--epochs", "lr_boundaries_epochs": "--epochs", "dataset": "--dataset", "num_seeds": "--num-seeds",
     "seed": "--seed", "num_train": "--num-train", "num_test": "--num-test", "batch_size": "--batch-size",
-    "learning_rate": "--learning-rate", "data_dir": "--data-dir",
+    "learning_rate": "--learning-rate", "data_dir": "--data-dir", "augment": "--augment",
 }  # fmt: skip
 _CONFIG_FLAG = re.compile(r"--config\.(\w+)(=\S*)?")
 
@@ -669,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the config's 256)")
     p.add_argument("--learning-rate", type=float, default=None, help="initial learning rate (default: the config's 0.1)")
     p.add_argument(
+        "--augment", default=None,
+        help="crop_flip | crop | none: the training augmentation (default: the config's crop_flip; use crop for digits)",
+    )
+    p.add_argument(
         "--only", nargs="+", default=None, metavar="ROW",
         help="train only these rows of the tables, in this order (methods, or the evolution table's rows: "
         + ", ".join(EVOLUTION_ROWS) + "); the report still shows every row",
@@ -704,6 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_test=args.num_test,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        augment=args.augment,
     )
     rows = rows_for(tables)
     if args.only:

@@ -177,6 +177,13 @@ def test_cli_bad_input(tmp_path, capsys):
     assert not (tmp_path / "results.md").exists()
 
 
+def test_augment_flag(tmp_path, capsys):
+    assert reproduce.make_config("resnet4", "baseline", {"augment": "crop", "dataset": "digits"}).augment == "crop"
+    assert reproduce.main(["--augment", "flip", "--workdir", str(tmp_path), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "config.augment='flip' is invalid: it must be one of crop_flip, crop, none; fix --augment" in err
+
+
 def test_data_errors_name_this_commands_flags(tmp_path, capsys):
     """A message written for train.py's --config.FIELD reads in reproduce's own flags."""
     args = ["--dataset", "cifar10_local", "--epochs", "1", "--workdir", str(tmp_path / "runs")]

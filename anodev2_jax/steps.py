@@ -158,9 +158,10 @@ def train_step_one(model, tx, state: TrainState, images, labels, seed, augment: 
     Augmentation (``augment``, ``config.augment``: random crop with 4 pixels of zero
     padding and horizontal flip, the crop only, or none; a static choice, fixed when the
     step is traced) and normalization run here, on the device
-    (:func:`anodev2_jax.data.preprocess_train`); the loss is the mean cross-entropy. A step whose loss, gradients or new params / BatchNorm
-    statistics are not all finite leaves every float leaf of the state (params, BatchNorm
-    statistics, momentum) as it was, through a ``jnp.where`` on the flag; integer counters
+    (:func:`anodev2_jax.data.preprocess_train`); the loss is the mean cross-entropy. A
+    step whose loss, gradients or new params / BatchNorm statistics are not all finite
+    leaves every float leaf of the state (params, BatchNorm statistics, momentum) as it
+    was, through a ``jnp.where`` on the flag; integer counters
     (global step, optax's schedule count) advance, so the learning-rate schedule and data
     order stay on the global step. It reports ``finite=False`` with loss and accuracy 0
     (left out of the loop's means, see :class:`anodev2_jax.stopping.FiniteFlags`).
@@ -195,7 +196,9 @@ def train_step_one(model, tx, state: TrainState, images, labels, seed, augment: 
 
 
 def make_train_step(model, tx, mesh: jax.sharding.Mesh, num_seeds: int, augment: str = "crop_flip") -> Callable:
-    """The jitted, data-parallel train step over all replicas (``augment``: see :func:`train_step_one`); the state is donated.
+    """The jitted, data-parallel train step over all replicas; the state is donated.
+
+    ``augment``: ``config.augment``, see :func:`train_step_one`.
 
     Returns:
       ``step(state, images, labels, seeds) -> (state, {"loss", "accuracy", "finite"})``
@@ -233,6 +236,8 @@ def make_train_call(
     model, tx, mesh: jax.sharding.Mesh, num_seeds: int, length: int, steps_per_epoch: int, augment: str = "crop_flip"
 ) -> Callable:
     """``length`` optimizer steps of every replica in one jitted call, on data resident on the devices.
+
+    ``augment``: ``config.augment``, see :func:`train_step_one`.
 
     Returns:
       ``call(state, x_train, y_train, idx, seeds) -> (state, metrics)``: ``x_train`` uint8
@@ -318,7 +323,9 @@ class Programs(NamedTuple):
 def programs(
     model, spec: optim.OptimizerSpec, mesh: jax.sharding.Mesh, num_seeds: int, augment: str = "crop_flip"
 ) -> Programs:
-    """Optimizer, schedule and the jitted init / train / eval functions of one run setup (``augment``: ``config.augment``).
+    """Optimizer, schedule and the jitted init / train / eval functions of one run setup.
+
+    ``augment``: ``config.augment`` (:func:`train_step_one`), part of the setup.
 
     Cached, so runs of the same setup in one process (a sweep over seeds in a notebook, a
     resumed run, the tests) compile once: seeds enter the programs as arguments. The call

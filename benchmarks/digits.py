@@ -12,8 +12,8 @@ tools or for ``dataset="npz"``::
     python train.py --config configs/digits.py --config.dataset=npz --config.data_dir=/tmp/digits32.npz
 
 which trains exactly as ``python train.py --config configs/digits.py`` (the same arrays).
-The recipe (``configs/digits.py``): lr 0.01 (lr 0.05 diverges for ResNet-4, in PyTorch too),
-batch 100, 15 epochs, random crops without flips. Without scikit-learn this prints one line
+The recipe (``configs/digits.py``): lr 0.01 (lr 0.05 diverges for ResNet-4, in PyTorch too)
+divided by 10 at epoch 20 of 25, batch 100, random crops without flips. Without scikit-learn this prints one line
 naming the extra and exits with status 2.
 """
 

@@ -443,6 +443,7 @@ def test_augment_flip_rate_and_offsets(coordinate_batch):
     assert set(np.unique(rows - 12)) == set(range(9))
 
 
+@pytest.mark.exact  # two programs: pixels only move, so they agree bit for bit on every CPU
 def test_augment_without_flip_crops_as_with_it(coordinate_batch):
     x = _coordinate_images(4000)
     crop = np.asarray(jax.jit(functools.partial(D.augment, flip=False))(jax.random.PRNGKey(11), x))
@@ -454,6 +455,7 @@ def test_augment_without_flip_crops_as_with_it(coordinate_batch):
     assert (same | mirrored).all() and 0.4 < same.mean() < 0.6
 
 
+@pytest.mark.exact  # two programs: float32 normalization to round-off
 @pytest.mark.parametrize("mode", D.AUGMENTATIONS)
 def test_preprocess_train_modes(mode):
     key = jax.random.key(5)

@@ -41,6 +41,7 @@ import faulthandler
 import inspect
 import logging as std_logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -110,7 +111,11 @@ def _parse_flags(argv):
         detail = e  # config_flags: an override of a field the config lacks
         while isinstance(detail, BaseException) and detail.args:
             detail = detail.args[0]
-        _fail(f"unknown config field {detail} (in a --config.FIELD override); use a field of configs/default.py")
+        # ml_collections' text: "'metod'\nDid you mean \"method\" instead of \"metod\"?"
+        field, _, hint = str(detail).partition("\n")
+        guess = re.search(r'Did you mean "(\w+)"', hint)
+        fix = f"did you mean --config.{guess.group(1)}? The fields are those of" if guess else "use a field of"
+        _fail(f"unknown config field {field} (in a --config.FIELD override); {fix} configs/default.py")
     if FLAGS.config is None:
         _fail("--config is required, e.g. --config configs/smoke.py")
     try:  # config_flags defers a config file that fails to load until the config is used

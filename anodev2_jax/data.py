@@ -9,17 +9,27 @@ pure, jittable functions meant to run inside the jitted train / eval step.
 
 Sources (``DATASETS``):
 
-* ``"cifar10"``: tensorflow-datasets. Measured with tfds 4.9.10 and no TensorFlow: tfds
-  imports, and a dataset prepared in a random-access format (``array_record``) reads through
-  ``builder.as_data_source`` (records decoded by PIL or OpenCV; the tests run this path under
-  ``tfds.testing.mock_data``) without TensorFlow. *Preparing* cifar10 (download + conversion)
-  needs TensorFlow (the generator reads with ``tf.io.gfile``) and ``importlib_resources``
-  (without it ``download_and_prepare`` raises ``ModuleNotFoundError`` at once; without a
-  network the download raises ``requests.ConnectionError`` only after ~3.5 minutes of
-  retries). So an unprepared dataset without TensorFlow fails *before* any download, with a
-  one-line :class:`DataError` that names the fix. With TensorFlow the dataset is prepared in
-  tfds' default format (TFRecord, which works on every platform) and read with
-  ``as_dataset(batch_size=-1)``.
+* ``"cifar10"``: CIFAR-10 from the first of these that works, in this order:
+
+  1. tensorflow-datasets' prepared copy. Measured with tfds 4.9.10 and no TensorFlow: tfds
+     imports, and a dataset prepared in a random-access format (``array_record``) reads
+     through ``builder.as_data_source`` (records decoded by PIL or OpenCV; the tests run this
+     path under ``tfds.testing.mock_data``) without TensorFlow.
+  2. ``<root>/downloads/cifar-10-python.tar.gz`` (``root``: ``data_dir``, else
+     ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``; :func:`anodev2_jax.download.cifar10_path`),
+     read with the numpy reader of ``cifar10_local``.
+  3. With TensorFlow installed: tfds prepares it (download + conversion; TFRecord, tfds'
+     default format, read with ``as_dataset(batch_size=-1)``). *Preparing* needs
+     TensorFlow (the generator reads with ``tf.io.gfile``) and ``importlib_resources``.
+  4. Otherwise (no TensorFlow, or no tfds at all): the official tarball is downloaded into
+     the place of step 2 (:mod:`anodev2_jax.download`: md5-verified, atomic, resumable, a
+     progress bar on a terminal) and read as in step 2. Without a network this fails at once
+     with one line naming the offline options (tfds' own download would retry for ~3.5
+     minutes and then fail in the conversion).
+* ``"digits"``: scikit-learn's 1,797 real handwritten digits (8x8, 0..16, shipped inside
+  scikit-learn: no download), upscaled to 32x32x3 by :func:`upscale_digits` and split by
+  :func:`digits_arrays` (1,437 training / 360 test images, stratified, fixed). Needs the
+  ``digits`` extra (scikit-learn); ``data_dir`` is ignored.
 * ``"cifar10_local"``: ``data_dir`` holds the standard ``cifar-10-batches-py`` folder (or is
   that folder), or is / contains ``cifar-10-python.tar.gz``, whose members are read straight
   from the archive. Numpy only.
@@ -38,12 +48,19 @@ Decisions (where the contract is silent):
   ``num_train`` / ``num_test`` larger than a split take the whole split (slice semantics).
 * Every validation error is raised before any training, as one line naming the file or
   field, the bad value and the fix.
+* Augmentation (``config.augment``, :data:`AUGMENTATIONS`): ``"crop_flip"`` (CIFAR's
+  standard, the default), ``"crop"`` (no flip: a mirrored digit is another digit, or none)
+  or ``"none"``. ``"crop"`` draws the same crops from a key as ``"crop_flip"``.
+* All images are normalized with the CIFAR-10 channel statistics (:func:`normalize`), the
+  digits too: a fixed affine map of the pixels, which the models' first BatchNorm absorbs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
 import pickle
 import tarfile
 import zipfile
@@ -57,14 +74,20 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float, Integer, Key, Shaped
 
+from anodev2_jax import download
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DATASETS",
+    "AUGMENTATIONS",
     "NUM_CLASSES",
+    "DIGITS_SPLIT_SEED",
     "DataError",
     "Dataset",
     "load_dataset",
+    "upscale_digits",
+    "digits_arrays",
     "normalize",
     "augment",
     "preprocess_train",
@@ -78,20 +101,24 @@ __all__ = [
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
-DATASETS = ("cifar10", "cifar10_local", "npz", "synthetic")
+DATASETS = ("cifar10", "cifar10_local", "npz", "synthetic", "digits")
+AUGMENTATIONS = ("crop_flip", "crop", "none")  # config.augment: see augment / preprocess_train
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
+DIGITS_SPLIT_SEED = 0  # random_state of the digits' stratified 80 / 20 split (benchmarks/digits.py's too)
 
 _FOLDER = "cifar-10-batches-py"
-_TARBALL = "cifar-10-python.tar.gz"
+_TARBALL = download.CIFAR10_TARBALL
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCH = "test_batch"
-_TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-_TFDS_FIX = (
-    'install the data extra (pip install -e ".[data]"), or download cifar-10-python.tar.gz '
-    "yourself and run with --config.dataset=cifar10_local --config.data_dir=DIR, "
-    "or use --config.dataset=npz"
+_TARBALL_URL = download.CIFAR10_URL
+_OFFLINE = (
+    "--config.dataset=digits (real handwritten digits shipped with scikit-learn; configs/digits.py), "
+    f"--config.dataset=cifar10_local --config.data_dir=DIR (a folder holding {_TARBALL} or {_FOLDER}), "
+    "--config.dataset=npz or --config.dataset=synthetic"
 )
+_TFDS_FIX = f'install the data extra (pip install -e ".[data]"), or use {_OFFLINE}'
+_DIGITS_FIX = 'install the digits extra: pip install -e ".[digits]" (or pip install scikit-learn)'
 
 
 class DataError(ValueError):
@@ -182,26 +209,58 @@ def tensorflow_installed() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def _load_tfds(data_dir: Optional[str], num_train, num_test):
-    """``cifar10`` from tensorflow-datasets; returns ``{"train": (x, y), "test": (x, y)}``, origin."""
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Hides tfds' absl warnings (``Variant folder ... has no dataset_info.json``) below ERROR.
+
+    tfds logs them while it looks for a prepared copy that is not there, which is a normal
+    case here (another source follows); any failure reaches the user as one DataError line.
+    """
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _load_cifar10(data_dir: Optional[str], num_train, num_test):
+    """``cifar10``: tfds' prepared copy, the downloaded tarball, tfds' preparation, or a download (module docstring)."""
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:
+    except ImportError:
+        tfds = None  # not installed (it is in the data extra only): the tarball
+    builder = None
+    if tfds is not None:
+        with _quiet_tfds():
+            builder = tfds.builder("cifar10", data_dir=data_dir)
+            prepared = builder.is_prepared()
+        if prepared:
+            return _load_tfds(tfds, builder, num_train, num_test)
+    tarball = download.cifar10_path(data_dir)
+    if not tarball.is_file() and builder is not None and tensorflow_installed():
+        return _load_tfds(tfds, builder, num_train, num_test)
+    try:
+        tarball = download.cifar10_tarball(data_dir)
+    except download.DownloadError as e:
+        where = f"tfds has no prepared copy under {builder.data_dir} and " if builder is not None else ""
         raise DataError(
-            f"dataset 'cifar10' needs tensorflow-datasets, which is not importable ({_brief(e)}); {_TFDS_FIX}"
+            f"CIFAR-10 is missing: {where}{e}; offline, copy {_TARBALL} (md5 {download.CIFAR10_MD5}) to {tarball} "
+            f"and rerun, or use {_OFFLINE}"
         ) from e
+    return _load_local(str(tarball))
 
-    builder = tfds.builder("cifar10", data_dir=data_dir)
+
+def _load_tfds(tfds, builder, num_train, num_test):
+    """``cifar10`` from tensorflow-datasets; returns ``{"train": (x, y), "test": (x, y)}``, origin."""
     if not builder.is_prepared():
-        # Checked up front: without TensorFlow tfds would download 160 MB (or retry for
-        # minutes offline) and only then fail in the conversion.
-        if not tensorflow_installed():
-            raise DataError(
-                f"tfds cifar10 is not prepared under {builder.data_dir} and preparing it "
-                f"(download + conversion) needs TensorFlow, which is not installed; {_TFDS_FIX}"
-            )
         try:
-            builder.download_and_prepare()
+            with _quiet_tfds():
+                builder.download_and_prepare()
         except ModuleNotFoundError as e:
             raise DataError(
                 f"preparing tfds cifar10 needs the missing module {e.name!r} ({_brief(e)}); {_TFDS_FIX}"
@@ -327,6 +386,24 @@ def _load_local(data_dir: Optional[str]):
     return splits, str(path)
 
 
+def _looks_like(head: bytes) -> str:
+    """What a file that is not an .npz seems to be, from its first bytes (for error messages)."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file (an .npz is a zip archive: np.savez writes one)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut by the 64-byte read still counts as text
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else None
+    if text is not None and all(ch.isprintable() or ch in "\t\r\n" for ch in text):
+        first = " ".join(text.split())[:40]
+        return f"a text file (it begins {first!r})"
+    return f"binary data (first bytes {head[:8].hex(' ')})"
+
+
 def _load_npz(data_dir: Optional[str]):
     """``npz``: ``data_dir`` is an ``.npz`` holding ``x_train, y_train, x_test, y_test``."""
     how = "np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) with uint8 NHWC images"
@@ -337,6 +414,14 @@ def _load_npz(data_dir: Optional[str]):
         state = "is a directory" if path.is_dir() else "does not exist"
         raise DataError(f"data_dir {path} {state}; dataset 'npz' needs the path of an .npz written with {how}")
     keys = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({_brief(e)}); fix its permissions") from e
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        # np.load would try it as a pickle and say it "contains pickled (object) data"
+        raise DataError(f"{path} is not an .npz archive: it looks like {_looks_like(head)}; write it with {how}")
     arrays, error = {}, None
     try:  # collect first, raise after: DataError is itself a ValueError
         loaded = np.load(path, allow_pickle=False)
@@ -355,6 +440,50 @@ def _load_npz(data_dir: Optional[str]):
         found_text = ", ".join(found) or "none"
         raise DataError(f"{path} has no array {missing[0]!r} (found: {found_text}); write it with {how}")
     return {s: (arrays[f"x_{s}"], arrays[f"y_{s}"]) for s in ("train", "test")}, str(path)
+
+
+def upscale_digits(images: np.ndarray) -> np.ndarray:
+    """scikit-learn's 8x8 digits (values 0..16) -> uint8 ``(N, 32, 32, 3)`` images the models take.
+
+    Each pixel becomes a 4x4 block (nearest neighbour: no invented detail), the value is
+    scaled to 0..255 (``rint(v * 255 / 16)``) and repeated on 3 channels.
+
+    Args:
+      images: ``(N, 8, 8)`` (or ``(N, 64)``) numbers in [0, 16].
+
+    Returns:
+      uint8 ``(N, 32, 32, 3)``.
+
+    Example: ``upscale_digits(sklearn.datasets.load_digits().images)``.
+    """
+    images = np.asarray(images, np.float64).reshape(-1, 8, 8)
+    images = np.rint(images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8) in 0..255
+    images = np.kron(images, np.ones((1, 4, 4), np.uint8))  # nearest-neighbour 8x8 -> 32x32
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
+def digits_arrays() -> dict[str, np.ndarray]:
+    """``dataset="digits"``: ``x_train, y_train, x_test, y_test`` of scikit-learn's handwritten digits.
+
+    The 1,797 digits (:func:`upscale_digits`) split 80 / 20, stratified by class, with
+    ``sklearn.model_selection.train_test_split(test_size=0.2, stratify=labels,
+    random_state=DIGITS_SPLIT_SEED)``: 1,437 training and 360 test images, the same split
+    for every run and for ``benchmarks/digits.py``'s ``.npz``.
+
+    Raises:
+      DataError: scikit-learn is not installed (one line naming the ``digits`` extra).
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise DataError(f"dataset 'digits' needs scikit-learn, which is not importable ({_brief(e)}); {_DIGITS_FIX}") from e
+    digits = load_digits()
+    images, labels = upscale_digits(digits.images), digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.2, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
 def _synthetic_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,10 +522,11 @@ def load_dataset(
 
     Args:
       name: one of ``DATASETS`` (see the module docstring for each source).
-      data_dir: ``cifar10``: the tfds data_dir (``None``: tfds' default,
+      data_dir: ``cifar10``: the tfds data_dir, whose ``downloads/`` folder also holds the
+        tarball when tfds cannot prepare it (``None``: ``$TFDS_DATA_DIR``, else
         ``~/tensorflow_datasets``); ``cifar10_local``: folder with ``cifar-10-batches-py``
         or the tarball (or the tarball itself); ``npz``: path of the ``.npz``;
-        ``synthetic``: ignored.
+        ``synthetic``, ``digits``: ignored.
       num_train, num_test: keep only the first N examples of a split (``None``: all). For
         ``synthetic`` the number generated (defaults 2048 / 512).
       seed: seed of the ``synthetic`` generator (train and test use independent streams).
@@ -406,7 +536,11 @@ def load_dataset(
 
     Raises:
       DataError: unknown name, missing or unreadable file, missing keys, wrong shapes or
-        dtypes, labels out of range, mismatched or empty splits: one line naming the fix.
+        dtypes, labels out of range, mismatched or empty splits, CIFAR-10 neither prepared
+        nor downloadable (the line names the offline options), scikit-learn missing for
+        ``digits``: one line naming the fix.
+
+    Example: ``load_dataset("digits").x_train.shape == (1437, 32, 32, 3)``.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (--config.dataset=...)")
@@ -421,7 +555,11 @@ def load_dataset(
         }
         origin = "synthetic"
     elif name == "cifar10":
-        splits, origin = _load_tfds(data_dir, num_train, num_test)
+        splits, origin = _load_cifar10(data_dir, num_train, num_test)
+    elif name == "digits":
+        arrays = digits_arrays()
+        splits = {s: (arrays[f"x_{s}"], arrays[f"y_{s}"]) for s in ("train", "test")}
+        origin = "scikit-learn digits"
     elif name == "cifar10_local":
         splits, origin = _load_local(data_dir)
     else:
@@ -455,7 +593,11 @@ def normalize(images: Shaped[ArrayLike, "*batch h w 3"]) -> Float[Array, "*batch
 
 
 def augment(
-    key: Key[Array, ""] | Integer[Array, "2"], images: Shaped[ArrayLike, "n h w c"], *, padding: int = 4
+    key: Key[Array, ""] | Integer[Array, "2"],
+    images: Shaped[ArrayLike, "n h w c"],
+    *,
+    padding: int = 4,
+    flip: bool = True,
 ) -> Shaped[Array, "n h w c"]:
     """Standard CIFAR augmentation: zero-pad, random crop back to size, random horizontal flip.
 
@@ -467,9 +609,13 @@ def augment(
       key: PRNG key (typed or raw uint32); same key, same output.
       images: ``(N, H, W, C)`` batch, uint8 or float.
       padding: zero pixels added on each side before cropping (4 for CIFAR).
+      flip: False leaves out the flip (a static choice, made at trace time); the crops are
+        the same as with the flip for the same key.
 
     Returns:
       Array of the same shape and dtype as ``images``. Jittable.
+
+    Example: ``augment(jax.random.key(0), x_uint8, flip=False)``.
     """
     images = jnp.asarray(images)
     n, h, w, c = images.shape
@@ -479,16 +625,37 @@ def augment(
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     zero = jnp.zeros((), jnp.int32)
 
-    def crop_and_flip(img, offset, flip):
+    def crop_and_flip(img, offset, flipped):
         crop = lax.dynamic_slice(img, (offset[0], offset[1], zero), (h, w, c))
-        return jnp.where(flip, crop[:, ::-1], crop)
+        return jnp.where(flipped, crop[:, ::-1], crop) if flip else crop
 
     return jax.vmap(crop_and_flip)(padded, offsets, flips)
 
 
-def preprocess_train(key, images_uint8: Shaped[ArrayLike, "n h w 3"]) -> Float[Array, "n h w 3"]:
-    """Training input: :func:`augment` with ``key``, then :func:`normalize`; float32. Jittable."""
-    return normalize(augment(key, images_uint8))
+def preprocess_train(
+    key, images_uint8: Shaped[ArrayLike, "n h w 3"], augmentation: str = "crop_flip"
+) -> Float[Array, "n h w 3"]:
+    """Training input: :func:`augment` with ``key`` as ``augmentation`` says, then :func:`normalize`; float32.
+
+    Args:
+      key: PRNG key of the step.
+      images_uint8: ``(N, H, W, 3)`` raw pixels.
+      augmentation: one of :data:`AUGMENTATIONS` (``config.augment``): ``"crop_flip"``
+        (random crop with 4 pixels of zero padding and horizontal flip), ``"crop"`` (the
+        crop only) or ``"none"``. A static choice: each compiles its own program, with no
+        branch per step.
+
+    Returns:
+      float32 ``(N, H, W, 3)``. Jittable.
+
+    Raises:
+      ValueError: an unknown ``augmentation`` (at trace time).
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r} is not one of {', '.join(AUGMENTATIONS)}")
+    if augmentation == "none":
+        return normalize(images_uint8)
+    return normalize(augment(key, images_uint8, flip=augmentation == "crop_flip"))
 
 
 def preprocess_eval(images_uint8: Shaped[ArrayLike, "n h w 3"]) -> Float[Array, "n h w 3"]:

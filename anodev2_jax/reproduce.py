@@ -6,6 +6,9 @@ Usage::
     python -m anodev2_jax.reproduce --model all --table 1 2 4 --dataset cifar10_local --data-dir ~/data
     # every evolution operator q and time kernel K in configuration 1, beside the paper's methods:
     python -m anodev2_jax.reproduce --table evolution --dataset npz --data-dir /tmp/digits32.npz --epochs 15
+    # offline, on real images: scikit-learn's digits without flips, at configs/digits.py's lr and batch
+    python -m anodev2_jax.reproduce --table 1 --dataset digits --augment crop --learning-rate 0.01 \
+        --batch-size 100 --epochs 15
     # a short run on generated data (seconds to minutes on a CPU):
     python -m anodev2_jax.reproduce --model resnet4 --table 2 --dataset synthetic \
         --epochs 1 --num-train 64 --num-test 64 --batch-size 32 --num-seeds 2 --workdir /tmp/repro
@@ -57,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -85,6 +89,7 @@ __all__ = [
     "base_config",
     "make_config",
     "is_done",
+    "own_flags",
     "report",
     "main",
 ]
@@ -536,8 +541,25 @@ def is_done(workdir: str | Path, config) -> bool:
 _FLAGS = {
     "num_epochs": "--epochs", "lr_boundaries_epochs": "--epochs", "dataset": "--dataset", "num_seeds": "--num-seeds",
     "seed": "--seed", "num_train": "--num-train", "num_test": "--num-test", "batch_size": "--batch-size",
-    "learning_rate": "--learning-rate",
+    "learning_rate": "--learning-rate", "data_dir": "--data-dir", "augment": "--augment",
 }  # fmt: skip
+_CONFIG_FLAG = re.compile(r"--config\.(\w+)(=\S*)?")
+
+
+def own_flags(message: str) -> str:
+    """``message`` (written for train.py) with each ``--config.FIELD[=VALUE]`` in this command's flags.
+
+    A field this command has no flag for is named as a field of ``configs/<model>.py``.
+    """
+
+    def swap(m: re.Match) -> str:
+        flag = _FLAGS.get(m.group(1))
+        if flag is None or m.group(1) == "lr_boundaries_epochs":
+            return f"{m.group(1)} (a field of configs/<model>.py; this command has no flag for it)"
+        value = (m.group(2) or "")[1:]
+        return f"{flag} {value}" if value else flag
+
+    return _CONFIG_FLAG.sub(swap, " ".join(str(message).split()))
 
 
 def _mismatch_text(e) -> str:
@@ -641,7 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/reproduce", help="root of the run directories <workdir>/<model>/<method>")
     p.add_argument("--out", default=None, help="markdown output (default <workdir>/results.md)")
     p.add_argument("--epochs", type=int, default=None, help="num_epochs (default: the config's Appendix C schedule)")
-    p.add_argument("--dataset", default=None, help="cifar10 | cifar10_local | npz | synthetic (default: config's cifar10)")
+    p.add_argument(
+        "--dataset", default=None,
+        help="cifar10 | cifar10_local | npz | synthetic | digits (default: the config's cifar10; see anodev2_jax/data.py)",
+    )
     p.add_argument("--data-dir", default=None, help="data_dir of the dataset")
     p.add_argument("--num-seeds", type=int, default=PAPER_SEEDS, help="seeds per method, trained vmapped (default 5)")
     p.add_argument("--seed", type=int, default=None, help="first seed (default: the config's 0)")
@@ -649,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, default=None, help="keep only the first N test images")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the config's 256)")
     p.add_argument("--learning-rate", type=float, default=None, help="initial learning rate (default: the config's 0.1)")
+    p.add_argument(
+        "--augment", default=None,
+        help="crop_flip | crop | none: the training augmentation (default: the config's crop_flip; use crop for digits)",
+    )
     p.add_argument(
         "--only", nargs="+", default=None, metavar="ROW",
         help="train only these rows of the tables, in this order (methods, or the evolution table's rows: "
@@ -687,6 +716,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_test=args.num_test,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        augment=args.augment,
     )
     rows = rows_for(tables)
     if args.only:
@@ -731,13 +761,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {_mismatch_text(e)}", file=sys.stderr)
         return 2
     except (training.ConfigError, data_lib.DataError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {own_flags(e)}", file=sys.stderr)
         return 2
     except training.Preempted as e:  # checkpoint saved: rerunning the sweep resumes this run, skips finished ones
         print(f"{e} (the same command continues the sweep: finished rows are skipped)", file=sys.stderr)
         return 128 + e.signum
     except (training.NonFiniteError, training.WriteError, training.OutOfMemory) as e:  # train.py's exit codes
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {own_flags(e)}", file=sys.stderr)
         return {training.NonFiniteError: 3, training.WriteError: 4}.get(type(e), 5)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

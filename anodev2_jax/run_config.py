@@ -8,6 +8,7 @@ nor orbax, so :mod:`anodev2_jax.reproduce` reads these names cheaply.
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 import numpy as np
 
-from anodev2_jax.data import DATASETS
+from anodev2_jax.data import AUGMENTATIONS, DATASETS
 from anodev2_jax.errors import ConfigError
 from anodev2_jax.methods import DEFAULT_REMAT_BUDGET_MB, METHODS, MODELS, resolve_config
 
@@ -99,6 +100,8 @@ ADDED_FIELDS: dict[str, Any] = {
     "time_kernel": None,
     "rda_parameterization": None,
     "evolution_lr_scale": 1.0,
+    # runs before the knob trained with CIFAR's random crop and horizontal flip
+    "augment": "crop_flip",
 }
 
 # Method defaults that changed after runs were written with the old ones, each keyed by the
@@ -196,6 +199,7 @@ FIELD_CHECKS: dict[str, Callable[[Any], tuple[bool, str]]] = {
     "num_train": _int_at_least(1, optional=True),
     "num_test": _int_at_least(1, optional=True),
     "data_seed": _int_at_least(0),
+    "augment": _choice(AUGMENTATIONS),
     "num_epochs": _int_at_least(1),
     "batch_size": _int_at_least(1),
     "eval_batch_size": _int_at_least(1, optional=True),
@@ -245,9 +249,11 @@ def validate_config(config) -> None:
         raise ConfigError(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}") from None
     unknown = sorted(keys - set(FIELD_CHECKS))
     if unknown:
+        guesses = [g for u in unknown for g in difflib.get_close_matches(u, FIELD_CHECKS, n=1)]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise ConfigError(
-            f"unknown config field(s) {', '.join(unknown)}; remove them (the fields are those of "
-            "configs/default.py)"
+            f"unknown config field(s) {', '.join(unknown)}{hint}; remove or rename them: the fields are those of "
+            "configs/default.py"
         )
     missing = [k for k in FIELD_CHECKS if k not in keys]
     if missing:

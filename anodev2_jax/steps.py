@@ -154,20 +154,22 @@ def all_finite(tree) -> jax.Array:
     return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
-def train_step_one(model, tx, state: TrainState, images, labels, seed):
+def train_step_one(model, tx, state: TrainState, images, labels, seed, augment: str = "crop_flip"):
     """One SGD step of one replica: augment (key from seed and step), forward, backward, update.
 
-    Augmentation (random crop with 4 pixels of zero padding, horizontal flip) and
-    normalization run here, on the device (:func:`anodev2_jax.data.preprocess_train`); the
-    loss is the mean cross-entropy. A step whose loss, gradients or new params / BatchNorm
-    statistics are not all finite leaves every float leaf of the state (params, BatchNorm
-    statistics, momentum) as it was, through a ``jnp.where`` on the flag; integer counters
+    Augmentation (``augment``, ``config.augment``: random crop with 4 pixels of zero
+    padding and horizontal flip, the crop only, or none; a static choice, fixed when the
+    step is traced) and normalization run here, on the device
+    (:func:`anodev2_jax.data.preprocess_train`); the loss is the mean cross-entropy. A
+    step whose loss, gradients or new params / BatchNorm statistics are not all finite
+    leaves every float leaf of the state (params, BatchNorm statistics, momentum) as it
+    was, through a ``jnp.where`` on the flag; integer counters
     (global step, optax's schedule count) advance, so the learning-rate schedule and data
     order stay on the global step. It reports ``finite=False`` with loss and accuracy 0
     (left out of the loop's means, see :class:`anodev2_jax.stopping.FiniteFlags`).
     """
     aug_key = jax.random.fold_in(jax.random.fold_in(root_key(seed), 1), state.step)
-    x = data_lib.preprocess_train(aug_key, images)
+    x = data_lib.preprocess_train(aug_key, images, augment)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -195,8 +197,10 @@ def train_step_one(model, tx, state: TrainState, images, labels, seed):
     return new_state, metrics
 
 
-def make_train_step(model, tx, mesh: jax.sharding.Mesh, num_seeds: int) -> Callable:
+def make_train_step(model, tx, mesh: jax.sharding.Mesh, num_seeds: int, augment: str = "crop_flip") -> Callable:
     """The jitted, data-parallel train step over all replicas; the state is donated.
+
+    ``augment``: ``config.augment``, see :func:`train_step_one`.
 
     Returns:
       ``step(state, images, labels, seeds) -> (state, {"loss", "accuracy", "finite"})``
@@ -206,7 +210,7 @@ def make_train_step(model, tx, mesh: jax.sharding.Mesh, num_seeds: int) -> Calla
       means, ``finite`` bool ``(num_seeds,)``: False where the replica's step was not
       finite and was not applied (its loss and accuracy then read 0).
     """
-    step = over_seeds(functools.partial(train_step_one, model, tx), num_seeds, (0, 0, 0, 0))
+    step = over_seeds(functools.partial(train_step_one, model, tx, augment=augment), num_seeds, (0, 0, 0, 0))
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     return jax.jit(step, in_shardings=(repl, batch, batch, repl), out_shardings=(repl, repl), donate_argnums=0)
 
@@ -230,8 +234,12 @@ def make_eval_step(model, mesh: jax.sharding.Mesh, num_seeds: int) -> Callable:
     return jax.jit(step, in_shardings=(repl, batch, batch, batch), out_shardings=repl)
 
 
-def make_train_call(model, tx, mesh: jax.sharding.Mesh, num_seeds: int, length: int, steps_per_epoch: int) -> Callable:
+def make_train_call(
+    model, tx, mesh: jax.sharding.Mesh, num_seeds: int, length: int, steps_per_epoch: int, augment: str = "crop_flip"
+) -> Callable:
     """``length`` optimizer steps of every replica in one jitted call, on data resident on the devices.
+
+    ``augment``: ``config.augment``, see :func:`train_step_one`.
 
     Returns:
       ``call(state, x_train, y_train, idx, seeds) -> (state, metrics)``: ``x_train`` uint8
@@ -247,7 +255,7 @@ def make_train_call(model, tx, mesh: jax.sharding.Mesh, num_seeds: int, length: 
     several times slower, jax-ml/jax#12868); longer calls are one ``lax.scan`` whose trip
     count is ``length``. A call must not cross the end of the epoch its ``idx`` belongs to.
     """
-    step = over_seeds(functools.partial(train_step_one, model, tx), num_seeds, (0, 0, 0, 0))
+    step = over_seeds(functools.partial(train_step_one, model, tx, augment=augment), num_seeds, (0, 0, 0, 0))
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
     def one(state, x, y, idx, seeds):
@@ -314,8 +322,12 @@ class Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=32)
-def programs(model, spec: optim.OptimizerSpec, mesh: jax.sharding.Mesh, num_seeds: int) -> Programs:
+def programs(
+    model, spec: optim.OptimizerSpec, mesh: jax.sharding.Mesh, num_seeds: int, augment: str = "crop_flip"
+) -> Programs:
     """Optimizer, schedule and the jitted init / train / eval functions of one run setup.
+
+    ``augment``: ``config.augment`` (:func:`train_step_one`), part of the setup.
 
     Cached, so runs of the same setup in one process (a sweep over seeds in a notebook, a
     resumed run, the tests) compile once: seeds enter the programs as arguments. The call
@@ -325,11 +337,11 @@ def programs(model, spec: optim.OptimizerSpec, mesh: jax.sharding.Mesh, num_seed
     tx, schedule = optim.make_optimizer(spec)
     init = jax.jit(over_seeds(functools.partial(init_one, model, tx), num_seeds, (0,)), out_shardings=sharding.replicated(mesh))
     train_call = functools.lru_cache(maxsize=None)(
-        lambda length: make_train_call(model, tx, mesh, num_seeds, length, spec.steps_per_epoch)
+        lambda length: make_train_call(model, tx, mesh, num_seeds, length, spec.steps_per_epoch, augment)
     )
     eval_call = functools.lru_cache(maxsize=None)(lambda length: make_eval_call(model, mesh, num_seeds, length))
     return Programs(
-        tx, schedule, init, make_train_step(model, tx, mesh, num_seeds), make_eval_step(model, mesh, num_seeds),
+        tx, schedule, init, make_train_step(model, tx, mesh, num_seeds, augment), make_eval_step(model, mesh, num_seeds),
         train_call, eval_call,
     )  # fmt: skip
 

@@ -210,7 +210,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, pr
         cfg = {k: v for k, v in cfg.items() if k in stored or k not in run_config.CHANGED_DEFAULTS}
     rundir.check_writable(workdir)
     seeds = [config.seed + i for i in range(config.num_seeds)]
-    progs = steps.programs(model, optim.OptimizerSpec.from_config(config, steps_per_epoch), mesh, len(seeds))
+    progs = steps.programs(model, optim.OptimizerSpec.from_config(config, steps_per_epoch), mesh, len(seeds), config.augment)
     abstract_one = jax.eval_shape(lambda s: steps.init_one(model, progs.tx, s), jnp.zeros((), jnp.int32))
     repl = sharding.replicated(mesh)
     seeds_arr = sharding.put_global(np.asarray(seeds, np.int32), repl)

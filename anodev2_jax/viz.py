@@ -517,7 +517,10 @@ def _kernels_command(args) -> tuple[Any, str]:
         params = init_params(args.model, args.method, seed=args.seed)
         method, knobs, title = args.method, {}, f"{args.model}, freshly initialized (seed {args.seed})"
     else:
-        workdir = Path(args.workdir)
+        workdir = Path(args.workdir).expanduser()
+        if not workdir.is_dir():
+            state = "is a file, not a directory" if workdir.exists() else "does not exist"
+            raise ValueError(f"--workdir {workdir} {state}; pass a training run directory (train.py's --workdir)")
         cfg_path = workdir / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         method = args.method or cfg.get("method")

@@ -166,7 +166,7 @@ def loop_table(args) -> str:
 
     model = steps.create_model(config)
     mesh = sharding.make_mesh()
-    progs = steps.programs(model, optim.OptimizerSpec.from_config(config, spe), mesh, 1)  # train_and_evaluate's
+    progs = steps.programs(model, optim.OptimizerSpec.from_config(config, spe), mesh, 1, config.augment)  # train_and_evaluate's
     ds = data_lib.load_dataset("synthetic", num_train=spe * b, num_test=b)
     seeds_arr = sharding.put_global(np.zeros((1,), np.int32), sharding.replicated(mesh))
     repl, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)

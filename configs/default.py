@@ -50,11 +50,16 @@ def get_config(arg=None):
     config.dtype = "float32"
 
     # --- data: anodev2_jax.data.load_dataset
-    config.dataset = "cifar10"  # cifar10 (tfds) | cifar10_local | npz | synthetic
-    config.data_dir = config_dict.placeholder(str)  # tfds dir / folder or tarball / .npz path
+    # cifar10 (tfds, else the official tarball downloaded into data_dir/downloads) | cifar10_local | npz
+    # | synthetic | digits (scikit-learn's handwritten digits: offline, configs/digits.py)
+    config.dataset = "cifar10"
+    config.data_dir = config_dict.placeholder(str)  # tfds dir (None: ~/tensorflow_datasets) / folder or tarball / .npz path
     config.num_train = config_dict.placeholder(int)  # None: the whole training split
     config.num_test = config_dict.placeholder(int)  # None: the whole test split
     config.data_seed = 0  # generator seed of the synthetic dataset (shared by all seeds)
+    # on-device training augmentation: crop_flip (random crop with 4 px zero padding + horizontal
+    # flip, CIFAR's standard) | crop (no flip: a mirrored digit is another digit) | none
+    config.augment = "crop_flip"
 
     # --- optimization (Appendix C)
     config.num_epochs = 350

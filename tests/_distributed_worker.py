@@ -58,7 +58,7 @@ def run_steps(config, out: Path) -> None:
     model = steps.create_model(config)
     mesh = sharding.make_mesh()
     spec = optim.OptimizerSpec.from_config(config, config.num_train // config.batch_size)
-    progs = steps.programs(model, spec, mesh, 1)  # the programs train_and_evaluate uses
+    progs = steps.programs(model, spec, mesh, 1, config.augment)  # the programs train_and_evaluate uses (same cache key)
     init, step = progs.init, progs.train_step
     seeds = sharding.put_global(np.asarray([config.seed], np.int32), sharding.replicated(mesh))
     state = init(seeds)

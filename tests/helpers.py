@@ -1,8 +1,11 @@
-"""Shared test helpers: one tolerance helper with per-dtype defaults (STYLE.md 8), small models, tiny runs."""
+"""Shared test helpers: one tolerance helper with per-dtype defaults (STYLE.md 8), small models, tiny runs, fake CIFAR files."""
 
 import dataclasses
 import functools
+import io
 import json
+import pickle
+import tarfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -283,3 +286,43 @@ def flip_bit(path: Path, fraction: float) -> None:
     data = bytearray(path.read_bytes())
     data[int(fraction * len(data))] ^= 0x10
     path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- fake CIFAR-10 files
+
+CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def cifar_batch_bytes(images: np.ndarray, labels: np.ndarray, label: bytes, legacy: bool) -> bytes:
+    """One batch exactly as in cifar-10-batches-py: rows of 3072 bytes in CHW order."""
+    n = len(images)
+    batch = {
+        b"batch_label": label,
+        b"labels": [int(v) for v in labels],
+        b"data": images.transpose(0, 3, 1, 2).reshape(n, 3072),
+        b"filenames": [f"img_{i:05d}.png".encode() for i in range(n)],
+    }
+    raw = pickle.dumps(batch, protocol=2)
+    # The real files were pickled by numpy 1 (Python 2): their ndarray global is
+    # numpy.core.multiarray._reconstruct. A protocol-2 GLOBAL is plain text, so rename it.
+    return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray") if legacy else raw
+
+
+def fake_cifar_batches(seed: int = 0, n_per_batch: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{batch name: (uint8 (n, 32, 32, 3) images, int (n,) labels)}`` for the six CIFAR-10 batches."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: (rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, (n_per_batch,)))
+        for name in CIFAR_BATCHES
+    }
+
+
+def write_cifar_tarball(path: Path, members: dict[str, bytes]) -> Path:
+    """A ``cifar-10-python.tar.gz`` layout: ``members`` under ``cifar-10-batches-py/``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, raw in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path

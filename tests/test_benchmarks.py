@@ -156,3 +156,17 @@ ENTRY %main.9 (x: f32[1,8,8,4], k: f32[3,3,4,4]) -> (f32[4,4], s32[]) {
         "conv_general_dilated.3": "convolution", "ynn_fusion": "dot", "copy_fusion.2": "copy",
         "add_maximum_fusion": "fusion", "while.4": "control",
     }
+
+
+def test_digits_without_scikit_learn_is_one_line(tmp_path):
+    """``benchmarks/digits.py`` without scikit-learn (its import blocked): one line naming the extra, exit 2."""
+    code = (
+        "import runpy, sys; sys.modules['sklearn'] = None; "
+        f"sys.argv = ['digits.py', '--out', {str(tmp_path / 'd.npz')!r}]; "
+        f"runpy.run_path({str(BENCH / 'digits.py')!r}, run_name='__main__')"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: dataset 'digits' needs scikit-learn") and 'pip install -e ".[digits]"' in proc.stderr
+    assert not (tmp_path / "d.npz").exists()

@@ -5,16 +5,17 @@ keys, the tarball layout, .npz); nothing is downloaded. tfds runs under
 ``tfds.testing.mock_data``, which works without TensorFlow for the data-source path.
 """
 
-import io
+import functools
 import os
 import pickle
 import sys
-import tarfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from helpers import cifar_batch_bytes, fake_cifar_batches, write_cifar_tarball
 
 from anodev2_jax import data as D
 from anodev2_jax.data import DataError
@@ -25,31 +26,8 @@ N_PER_BATCH = 20
 # ------------------------------------------------------------------------------ fixtures
 
 
-def _batch_bytes(images: np.ndarray, labels: np.ndarray, label: bytes, legacy: bool) -> bytes:
-    """One batch exactly as in cifar-10-batches-py: rows of 3072 bytes in CHW order."""
-    n = len(images)
-    batch = {
-        b"batch_label": label,
-        b"labels": [int(v) for v in labels],
-        b"data": images.transpose(0, 3, 1, 2).reshape(n, 3072),
-        b"filenames": [f"img_{i:05d}.png".encode() for i in range(n)],
-    }
-    raw = pickle.dumps(batch, protocol=2)
-    # The real files were pickled by numpy 1 (Python 2): their ndarray global is
-    # numpy.core.multiarray._reconstruct. A protocol-2 GLOBAL is plain text, so rename it.
-    return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray") if legacy else raw
-
-
 def _fake_cifar(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    return {
-        name: (
-            rng.integers(0, 256, (N_PER_BATCH, 32, 32, 3), dtype=np.uint8),
-            rng.integers(0, 10, (N_PER_BATCH,)),
-        )
-        for name in names
-    }
+    return fake_cifar_batches(seed, N_PER_BATCH)
 
 
 def _write_folder(root, batches, legacy=True, skip=()):
@@ -57,18 +35,8 @@ def _write_folder(root, batches, legacy=True, skip=()):
     folder.mkdir(parents=True)
     for name, (x, y) in batches.items():
         if name not in skip:
-            (folder / name).write_bytes(_batch_bytes(x, y, f"{name} of 5".encode(), legacy))
+            (folder / name).write_bytes(cifar_batch_bytes(x, y, f"{name} of 5".encode(), legacy))
     return folder
-
-
-def _write_tarball(path, members: dict[str, bytes]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, raw in members.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +49,8 @@ def cifar_dirs(tmp_path_factory, fake_cifar):
     """The same fake CIFAR-10 as a folder (legacy pickles) and as a tarball (numpy-2 pickles)."""
     root = tmp_path_factory.mktemp("cifar")
     folder = _write_folder(root / "folder", fake_cifar)
-    members = {n: _batch_bytes(x, y, n.encode(), legacy=False) for n, (x, y) in fake_cifar.items()}
-    tarball = _write_tarball(root / "tar" / "cifar-10-python.tar.gz", members)
+    members = {n: cifar_batch_bytes(x, y, n.encode(), legacy=False) for n, (x, y) in fake_cifar.items()}
+    tarball = write_cifar_tarball(root / "tar" / "cifar-10-python.tar.gz", members)
     return {"parent": folder.parent, "folder": folder, "tardir": tarball.parent, "tarball": tarball}
 
 
@@ -160,29 +128,8 @@ def test_tfds_mock_without_tensorflow(monkeypatch):
 def _assert_tfds_fix(msg: str):
     assert "\n" not in msg
     fixes = ['pip install -e ".[data]"', "cifar-10-python.tar.gz", "--config.dataset=cifar10_local"]
-    for word in fixes + ["--config.data_dir=DIR", "--config.dataset=npz"]:
+    for word in fixes + ["--config.data_dir=DIR", "--config.dataset=npz", "--config.dataset=digits"]:
         assert word in msg, (word, msg)
-
-
-def test_tfds_not_importable(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    with pytest.raises(DataError, match="tensorflow-datasets") as info:
-        D.load_dataset("cifar10")
-    _assert_tfds_fix(str(info.value))
-
-
-def test_tfds_unprepared_without_tensorflow_fails_before_download(monkeypatch, tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(D, "tensorflow_installed", lambda: False)
-
-    def no_download(self, *args, **kwargs):
-        raise AssertionError("must not start a download without TensorFlow")
-
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
-    with pytest.raises(DataError, match="needs TensorFlow") as info:
-        D.load_dataset("cifar10", str(tmp_path))
-    _assert_tfds_fix(str(info.value))
-    assert str(tmp_path) in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -270,8 +217,8 @@ def _tar(raw=None, drop=()):
     """A cifar-10-python.tar.gz without the members ``drop``, its bytes passed through ``raw``."""
 
     def write(tmp):
-        members = {n: _batch_bytes(x, y, b"b", False) for n, (x, y) in _fake_cifar().items() if n not in drop}
-        path = _write_tarball(tmp / "cifar-10-python.tar.gz", members)
+        members = {n: cifar_batch_bytes(x, y, b"b", False) for n, (x, y) in _fake_cifar().items() if n not in drop}
+        path = write_cifar_tarball(tmp / "cifar-10-python.tar.gz", members)
         if raw is not None:
             path.write_bytes(raw(path.read_bytes()))
         return "cifar10_local", path
@@ -303,11 +250,17 @@ def _batch_with(name: str, rows: tuple[int, int], labels=None):
 
 BAD_INPUTS = [
     # (id, writer(tmp) -> (name, data_dir), kwargs, words the message must contain)
-    ("unknown_name", lambda t: ("cifar100", None), {}, ["'cifar100'", "cifar10_local", "npz", "synthetic"]),
+    ("unknown_name", lambda t: ("cifar100", None), {}, ["'cifar100'", "cifar10_local", "npz", "synthetic", "digits"]),
     ("npz_no_dir", lambda t: ("npz", None), {}, ["data_dir", "np.savez"]),
     ("npz_missing_path", lambda t: ("npz", t / "nope.npz"), {}, ["nope.npz", "does not exist"]),
     ("npz_is_directory", lambda t: ("npz", t), {}, ["is a directory", ".npz"]),
-    ("npz_not_a_zip", _file("d.npz", b"hello, not an archive"), {}, ["d.npz", "not a readable .npz"]),
+    ("npz_is_text", _file("d.npz", b"hello, not an archive\n"), {},
+     ["d.npz is not an .npz archive", "a text file (it begins 'hello, not an archive')", "np.savez"]),
+    ("npz_is_csv_utf8", _file("d.npz", "x,y\n1,é\n".encode() * 20), {}, ["not an .npz archive", "a text file"]),
+    ("npz_is_gzip", _file("d.npz", b"\x1f\x8b\x08\x00rest"), {}, ["not an .npz archive", "a gzip file"]),
+    ("npz_is_pickle", _file("d.npz", pickle.dumps({"x_train": 1})), {}, ["not an .npz archive", "a Python pickle"]),
+    ("npz_is_empty", _file("d.npz", b""), {}, ["not an .npz archive", "an empty file"]),
+    ("npz_is_binary", _file("d.npz", bytes(range(200, 256))), {}, ["not an .npz archive", "binary data (first bytes c8 c9"]),
     ("npz_corrupt_zip", _file("d.npz", b"PK\x03\x04" + b"\x00" * 40), {}, ["not a readable .npz"]),
     ("npz_is_npy", lambda t: (np.save(t / "d.npy", np.zeros(3)), ("npz", t / "d.npy"))[1], {}, [".npy", "np.savez"]),
     ("npz_missing_key", _npz(y_test=None), {}, ["'y_test'", "found: x_train, y_train, x_test"]),
@@ -387,6 +340,53 @@ def test_synthetic_deterministic_balanced_and_learnable():
     assert (pred == a.y_test).mean() > 0.5
 
 
+# ------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    pytest.importorskip("sklearn")
+    return D.digits_arrays()
+
+
+def test_digits_split_and_upscaling(digits):
+    from sklearn.datasets import load_digits
+
+    x_train, y_train, x_test, y_test = (digits[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    assert x_train.shape == (1437, 32, 32, 3) and x_test.shape == (360, 32, 32, 3) and x_train.dtype == np.uint8
+    assert y_train.dtype == np.int32 and y_test.dtype == np.int32
+    # stratified: each class has 20% of its images (rounded) in the test split
+    total = np.bincount(y_train, minlength=10) + np.bincount(y_test, minlength=10)
+    assert np.all(np.abs(np.bincount(y_test, minlength=10) - 0.2 * total) <= 1)
+    # each 8x8 pixel is a 4x4 block, the same on 3 channels, scaled 0..16 -> 0..255
+    x = np.concatenate([x_train, x_test])
+    np.testing.assert_array_equal(x, np.repeat(np.repeat(x[:, ::4, ::4], 4, axis=1), 4, axis=2))
+    assert (x == x[..., :1]).all() and x.max() == 255
+    # together the splits are the 1,797 digits of scikit-learn, each once
+    raw = load_digits()
+    want = D.upscale_digits(raw.images)
+    key = lambda imgs, labels: sorted(zip(labels.tolist(), (i.tobytes() for i in imgs)))
+    assert key(x, np.concatenate([y_train, y_test])) == key(want, raw.target)
+    np.testing.assert_array_equal(D.upscale_digits(raw.data[:3]), want[:3])  # flat rows work too
+    # the split is fixed: the same arrays every call
+    again = D.digits_arrays()
+    assert all(np.array_equal(again[k], digits[k]) for k in digits)
+
+
+def test_digits_dataset(digits):
+    ds = D.load_dataset("digits", num_train=10, num_test=1000)
+    np.testing.assert_array_equal(ds.x_train, digits["x_train"][:10])
+    np.testing.assert_array_equal(ds.y_test, digits["y_test"])  # slice semantics: the whole test split
+
+
+def test_digits_without_scikit_learn_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    with pytest.raises(DataError) as info:
+        D.load_dataset("digits")
+    msg = str(info.value)
+    assert "\n" not in msg and "dataset 'digits' needs scikit-learn" in msg and 'pip install -e ".[digits]"' in msg
+
+
 # ------------------------------------------------------------------ augment, normalize
 
 
@@ -441,6 +441,38 @@ def test_augment_flip_rate_and_offsets(coordinate_batch):
     assert abs(flip_rate - 0.5) < 0.04, flip_rate
     rows = (out[:, 16, 16, 0] - 1) // 1000  # original row seen at output row 16 = 12 + offset
     assert set(np.unique(rows - 12)) == set(range(9))
+
+
+@pytest.mark.exact  # two programs: pixels only move, so they agree bit for bit on every CPU
+def test_augment_without_flip_crops_as_with_it(coordinate_batch):
+    x = _coordinate_images(4000)
+    crop = np.asarray(jax.jit(functools.partial(D.augment, flip=False))(jax.random.PRNGKey(11), x))
+    flipped = crop[:, 16, 17, 0] < crop[:, 16, 16, 0]
+    assert not flipped.any()  # never mirrored
+    # the crops of the same key: where crop_flip did not flip, the same image; where it did, its mirror
+    same = (coordinate_batch == crop).all(axis=(1, 2, 3))
+    mirrored = (coordinate_batch == crop[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all() and 0.4 < same.mean() < 0.6
+
+
+@pytest.mark.exact  # two programs: float32 normalization to round-off
+@pytest.mark.parametrize("mode", D.AUGMENTATIONS)
+def test_preprocess_train_modes(mode):
+    key = jax.random.key(5)
+    x = np.random.default_rng(2).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    got = jax.jit(D.preprocess_train, static_argnums=2)(key, x, mode)
+    want = {
+        "crop_flip": D.normalize(augment_jit(key, x)),
+        "crop": D.normalize(D.augment(key, x, flip=False)),
+        "none": D.normalize(x),
+    }[mode]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocess_train_unknown_mode():
+    with pytest.raises(ValueError, match="augmentation='flip' is not one of crop_flip, crop, none"):
+        D.preprocess_train(jax.random.key(0), np.zeros((2, 32, 32, 3), np.uint8), "flip")
 
 
 def test_normalize_matches_formula():

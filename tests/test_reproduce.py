@@ -171,8 +171,34 @@ def test_cli_bad_input(tmp_path, capsys):
     assert reproduce.main(["--model", "vgg", "--workdir", str(tmp_path), "--report-only"]) == 2
     assert "--model 'vgg'" in capsys.readouterr().err
     assert reproduce.main(["--dataset", "mnist", "--workdir", str(tmp_path), "--report-only"]) == 2
-    assert "dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config.dataset='mnist' is invalid" in err and "digits" in err and "fix --dataset" in err
+    assert "--config." not in err  # train.py's flags are none of this command's
     assert not (tmp_path / "results.md").exists()
+
+
+def test_augment_flag(tmp_path, capsys):
+    assert reproduce.make_config("resnet4", "baseline", {"augment": "crop", "dataset": "digits"}).augment == "crop"
+    assert reproduce.main(["--augment", "flip", "--workdir", str(tmp_path), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "config.augment='flip' is invalid: it must be one of crop_flip, crop, none; fix --augment" in err
+
+
+def test_data_errors_name_this_commands_flags(tmp_path, capsys):
+    """A message written for train.py's --config.FIELD reads in reproduce's own flags."""
+    args = ["--dataset", "cifar10_local", "--epochs", "1", "--workdir", str(tmp_path / "runs")]
+    assert reproduce.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dataset 'cifar10_local' needs --data-dir DIR" in err and "--config." not in err
+    assert not (tmp_path / "runs").exists()
+    text = reproduce.own_flags(
+        "lower --config.batch_size or raise --config.num_train; or use --config.dataset=cifar10_local "
+        "--config.data_dir=DIR; fix --config.steps_z"
+    )
+    assert text == (
+        "lower --batch-size or raise --num-train; or use --dataset cifar10_local --data-dir DIR; fix steps_z "
+        "(a field of configs/<model>.py; this command has no flag for it)"
+    )
 
 
 def test_evolution_table_rows_and_report(tmp_path, capsys):

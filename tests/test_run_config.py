@@ -107,3 +107,38 @@ def test_evolution_fields_and_the_runs_written_before_them():
     config.evolution = "fourier"
     with pytest.raises(training.ConfigError, match=r"evolution='fourier' is not supported; use one of 'rda'"):
         steps.create_model(config)
+
+
+def test_augment_field_and_the_runs_written_before_it():
+    from configs import digits
+
+    config = default.get_config()
+    assert config.augment == "crop_flip" == run_config.ADDED_FIELDS["augment"]
+    assert "augment" not in run_config.RESUMABLE_FIELDS  # another augmentation trains another run
+    cfg = digits.get_config()
+    training.validate_config(cfg)
+    assert set(cfg.keys()) == set(run_config.FIELD_CHECKS)
+    assert (cfg.dataset, cfg.augment, cfg.method, cfg.model) == ("digits", "crop", "anodev2_conf1", "resnet4")
+    for bad in ("flip", None, "CROP"):
+        config.augment = bad
+        with pytest.raises(training.ConfigError, match=rf"config\.augment={bad!r} is invalid: it must be one of "
+                           r"crop_flip, crop, none; fix --config\.augment"):  # fmt: skip
+            training.validate_config(config)
+
+
+def test_a_run_directory_without_augment_resumes_as_crop_flip(tmp_path):
+    from anodev2_jax import rundir
+
+    cfg = run_config.config_dict(smoke.get_config())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "augment"}))
+    assert rundir.check_workdir(tmp_path, cfg) is not None  # crop_flip: the same run
+    with pytest.raises(training.WorkdirMismatch, match="augment"):
+        rundir.check_workdir(tmp_path, {**cfg, "augment": "crop"})
+
+
+def test_unknown_field_suggests_the_close_one():
+    config = default.get_config()
+    with config.unlocked():
+        config.metod = "anode"
+    with pytest.raises(training.ConfigError, match=r"unknown config field\(s\) metod \(did you mean method\?\); remove"):
+        training.validate_config(config)

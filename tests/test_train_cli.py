@@ -1,6 +1,6 @@
 """``python train.py`` in subprocesses: true exit codes and stderr for bad input, and one smoke run.
 
-Every bad input, tried as a new user would (a table of 36), must exit non-zero (2, or 4 for
+Every bad input, tried as a new user would (a table of 39), must exit non-zero (2, or 4 for
 a failed write) with ONE line on stderr naming the field (or cause) and the fix, without a
 traceback, and leave the workdir as it was: each case runs against a workdir that already
 holds a run (config.json, a checkpoint, metrics), hashed before and after. Kill / resume,
@@ -94,6 +94,12 @@ def _corrupt_npz(tmp_path):
     return str(path)
 
 
+def _text_file(tmp_path):
+    path = tmp_path / "data.npz"
+    path.write_text("x_train,y_train\n1,2\n")  # what a CSV export renamed .npz looks like
+    return str(path)
+
+
 def _foreign_checkpoint(tmp_path, run):
     """Replaces the run's checkpoint by a real orbax checkpoint of another tree (another program's)."""
     import orbax.checkpoint as ocp
@@ -175,6 +181,13 @@ SMOKE = ["--config", "configs/smoke.py"]
 CASES = {
     "unknown config file": Case(["--config", "configs/nope.py"], ["configs/nope.py", "existing config file"]),
     "unknown field": Case([*SMOKE, "--config.bogus_field=1"], ["bogus_field", "configs/default.py"]),
+    "misspelt field": Case(
+        [*SMOKE, "--config.metod=anode"],
+        ["unknown config field 'metod' (in a --config.FIELD override); did you mean --config.method? The fields"],
+    ),
+    "unknown augmentation": Case(
+        [*SMOKE, "--config.augment=flip"], ["config.augment='flip'", "crop_flip, crop, none", "--config.augment"]
+    ),
     "wrong type": Case([*SMOKE, "--config.batch_size=abc"], ["--config.batch_size", "abc"]),
     "unknown model": Case([*SMOKE, "--config.model=vgg"], ["config.model='vgg'", "resnet4", "--config.model"]),
     "unknown method": Case(["--config", "configs/smoke.py:ode"], ["config.method='ode'", "anodev2_conf1"]),
@@ -195,6 +208,10 @@ CASES = {
     "corrupt data file": Case(
         lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_corrupt_npz(tmp)}"],
         ["data.npz", "not a readable .npz", "np.savez"],
+    ),
+    "npz that is a text file": Case(
+        lambda tmp, run: [*SMOKE, "--config.dataset=npz", f"--config.data_dir={_text_file(tmp)}"],
+        ["data.npz is not an .npz archive", "a text file (it begins 'x_train,y_train 1,2')", "np.savez"],
     ),
     "npz with NCHW images": Case(
         _npz_args(image_shape=(3, 32, 32)),
@@ -280,6 +297,46 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, existing_run, case):
     for word in c.words:
         assert word in lines[0], (word, lines[0])
     assert after == before
+
+
+def test_missing_cifar10_is_one_line_naming_the_offline_options(tmp_path, existing_run):
+    """No prepared tfds copy, no TensorFlow, no network (a refused local port): one line, exit 2, nothing written."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("with TensorFlow, tfds would prepare CIFAR-10 itself (over the network)")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/cifar-10-python.tar.gz"
+    before = tree_hash(existing_run)
+    data_dir = tmp_path / "tfds"
+    proc = run_train(
+        ["--config", "configs/resnet4.py:anodev2_conf1", f"--config.data_dir={data_dir}", f"--workdir={existing_run}"],
+        env={"ANODEV2_CIFAR10_URL": url},
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: CIFAR-10 is missing"), proc.stderr
+    for words in ("refused the connection", f"copy cifar-10-python.tar.gz (md5 c58f30108f718f92721af3b95e74349a) to "
+                  f"{data_dir}/downloads/cifar-10-python.tar.gz", "--config.dataset=digits",
+                  "--config.dataset=cifar10_local --config.data_dir=DIR", "--config.dataset=synthetic"):  # fmt: skip
+        assert words in lines[0], (words, lines[0])
+    assert tree_hash(existing_run) == before and not (data_dir / "downloads" / "cifar-10-python.tar.gz.part").exists()
+
+
+def test_digits_config_trains_one_step(tmp_path):
+    """``configs/digits.py`` end to end on 100 of its images (one step of the baseline): the offline real-data path."""
+    pytest.importorskip("sklearn")
+    workdir = tmp_path / "digits"
+    args = ["--config", "configs/digits.py:baseline", "--config.num_train=100", "--config.num_test=50",
+            "--config.num_epochs=1", f"--workdir={workdir}"]  # fmt: skip
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert len(summary["test_accuracy"]) == 1 and 0.0 <= summary["test_accuracy"][0] <= 1.0
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["dataset"], config["augment"], config["batch_size"]) == ("digits", "crop", 100)
+    assert [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())] == [1]
 
 
 def test_a_stop_signal_before_anything_is_written_ends_at_once(existing_run):

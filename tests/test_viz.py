@@ -199,6 +199,11 @@ def test_kernels_bad_input(tmp_path, capsys):
     assert viz.main(["kernels", "--workdir", str(tmp_path), "--method", "anodev2_conf1"]) == 2
     assert "no orbax checkpoint" in capsys.readouterr().err
     assert viz.main(["kernels", "--out", "x.png"]) == 2
+    capsys.readouterr()
+    missing = tmp_path / "no_such_run"
+    assert viz.main(["kernels", "--workdir", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--workdir {missing} does not exist" in err and "config.json" not in err and not missing.exists()
 
 
 # ----------------------------------------------------------------------------- curves

@@ -5,11 +5,12 @@ change (commit 1872b8e): ResNet-4 configuration 2 on 16 synthetic images, batch 
 (checkpoint 2). ``fixtures/run_before_layout_expected.json`` holds what that code wrote when
 it resumed the same directory for a second epoch: every metrics record and, per leaf of
 checkpoint 4, its shape, dtype, sum, absolute sum and first value. Today's code must resume
-the directory to the same result. On the same jax version and XLA flags the numbers are
-bitwise equal (training is deterministic on CPU); the comparison allows 1e-6 relative so a
-jax upgrade that reorders float32 sums does not fail it while any real change does (one SGD
-step at lr 1e-3 moves these values by ~1e-3 relative). Those checkpoints have no digest: they
-restore unverified (readability, tree, shapes and finiteness are checked).
+the directory to the same result: exactly the same records (kinds, steps, epochs, learning
+rates), leaves (paths, shapes, dtypes) and steps, and the same numbers to round-off. The
+fixture was recorded on another machine: XLA:CPU compiles for the CPU it runs on, so the
+float32 numbers of two steps differ between machines by round-off (``RTOL`` says how much).
+Those checkpoints have no digest: they restore unverified (readability, tree, shapes and
+finiteness are checked).
 
 Corruption: flipping one bit in a checkpoint's array data (the largest file of the OCDBT
 store, which holds the compressed chunks) either makes the restore fail or changes the
@@ -37,7 +38,12 @@ from anodev2_jax.errors import ConfigError
 from helpers import array_data_file, flip_bit
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-RTOL = 1e-6
+# Round-off between machines, float32, 2 SGD steps (``python benchmarks/round_off.py`` prints
+# the table): the resumed test loss and checkpoint differ from the recorded ones by 4.6e-6
+# relative under --xla_cpu_max_isa=AVX and 6.5e-6 on an AVX2 CPU, while a real change (the
+# learning rate 1% off, one SGD step more or less) moves them by 1e-3 or more. 1e-4 sits 15x
+# above the round-off and 10x below a real change.
+RTOL = 1e-4
 
 # A failed restore leaves orbax's other reads as coroutines never awaited; their "Exception
 # ignored in" reports are orbax's, not this code's (train.py hides them too).
@@ -60,6 +66,7 @@ def _digest(tree):
     }  # fmt: skip
 
 
+@pytest.mark.exact
 def test_a_run_written_before_the_layout_change_resumes_to_the_old_result(tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(FIXTURES / "run_before_layout", workdir)
@@ -86,9 +93,13 @@ def test_a_run_written_before_the_layout_change_resumes_to_the_old_result(tmp_pa
     want = {k: (v["shape"], v["dtype"], v["sum"], v["abs_sum"], v["first"]) for k, v in expected["checkpoint_4"].items()}
     assert sorted(digest) == sorted(want) and step == 4
     for key in want:
-        shape, dtype, *values = digest[key]
+        shape, dtype, total, abs_total, first = digest[key]
         assert (shape, dtype) == tuple(want[key][:2]), key
-        np.testing.assert_allclose(values, want[key][2:], rtol=RTOL, atol=1e-9, err_msg=key)
+        # A leaf's sum may cancel (the fc bias' momentum sums to ~1e-7 of an L1 norm of 2):
+        # its round-off, and the first entry's, scale with the leaf's L1 norm, not with itself.
+        scale = RTOL * want[key][3]
+        np.testing.assert_allclose(abs_total, want[key][3], rtol=RTOL, err_msg=key)
+        np.testing.assert_allclose([total, first], want[key][2:3] + want[key][4:], rtol=0, atol=scale, err_msg=key)
 
 
 def test_listing_and_lookup_of_complete_checkpoints(tmp_path):

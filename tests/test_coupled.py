@@ -21,6 +21,7 @@ def test_trajectory_indices_of_the_paper_configurations():
     assert trajectory_indices(1, 7, "endpoints") == (0,)
 
 
+@pytest.mark.exact
 def test_one_step_without_evolution_is_a_resnet_block():
     z0, theta, _ = small_problem(jax.random.PRNGKey(0))
     out = coupled_block(small_conv_f, z0, theta, None, steps_z=1, steps_w=1)
@@ -74,6 +75,7 @@ def test_static_leaves_are_held_and_evolved_leaves_move():
     assert not np.allclose(seen[1]["w1"], theta["w1"])
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("solver", ["euler", "rk2", "rk4"])
 @pytest.mark.parametrize("remat", ["none", "block", "step", "binomial"])
 def test_solvers_and_remat_give_the_same_forward(solver, remat):
@@ -88,6 +90,7 @@ def test_solvers_and_remat_give_the_same_forward(solver, remat):
     [(5, 5, "aligned", "euler"), (2, 10, "endpoints", "rk4")],
     ids=["conf1", "conf2"],
 )
+@pytest.mark.exact
 def test_binomial_remat_gradients_equal_none(steps_z, steps_w, schedule, solver):
     # the RDA trajectory is computed inside the block checkpoint and handed to the nested
     # segments as inputs: its gradient must flow back through them exactly

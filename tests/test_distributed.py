@@ -142,6 +142,7 @@ def _rel_l2(a, b) -> float:
     return float(np.sqrt(diff / sum(np.sum(np.asarray(y, np.float64) ** 2) for y in lb)))
 
 
+@pytest.mark.exact
 @pytest.mark.slow  # 30-60 s on 2 shared CPU cores: three processes, each compiling the tiny model
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()

@@ -48,6 +48,7 @@ CONV_CASES = {
 }
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("case", list(CONV_CASES))
 @pytest.mark.parametrize("chunked", [False, True])
 def test_conv2d_matches_autodiff(case, chunked, monkeypatch):
@@ -97,6 +98,7 @@ def _plain_chain(z, layers, paddings):
     return h, tuple(moments)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_conv_bn_relu_chain_matches_autodiff(with_bias, chunked, monkeypatch):
@@ -137,6 +139,7 @@ def _flax_pool(x, window):
     return nn.max_pool(x, (window, window), strides=(window, window))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_blocks_matches_flax(ties):
     """Values and gradient of flax's max_pool, including where a block's maximum is tied

@@ -47,6 +47,7 @@ def test_every_evolution_and_time_kernel_param_is_masked_off_decay():
     assert optim.evolution_mask(params) == jax.tree.map(lambda keep: not keep, optim.weight_decay_mask(params))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
 def test_evolution_lr_scale_multiplies_exactly_the_evolution_params_updates(momentum):
     """Step 1: evolution updates are exactly scale x (a power of 2: bitwise); every other update is unchanged, also in step 2."""

@@ -226,6 +226,7 @@ def assert_same_run(work: Path, ref: Path) -> None:
 # ----------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.exact
 def test_killed_stopped_and_failed_run_resumes_to_the_uninterrupted_result(tmp_path, cache, reference):
     work = tmp_path / "run"
     ckpt = work / "checkpoints"
@@ -375,6 +376,7 @@ def test_one_writer_per_run_directory_and_a_finished_run_stays_finished(tmp_path
 # ----------------------------------------------------------------------------- Ctrl-C twice, a signal at the end
 
 
+@pytest.mark.exact
 def test_ctrl_c_twice_ends_at_once_and_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, cache, reference):
     """Ctrl-C twice, 30 ms apart, just after an epoch line: exit 130 with one line, every time.
 
@@ -490,6 +492,7 @@ def test_nonfinite_skip_leaves_the_step_out_and_counts_it(tmp_path, nan_image):
 # ----------------------------------------------------------------------------- corrupt checkpoints, device count
 
 
+@pytest.mark.exact
 def test_a_corrupt_checkpoint_is_named_and_the_run_resumes_from_the_last_good_one(tmp_path, capsys):
     """Bits flipped in the newest checkpoint's array data: found, named, passed over, never blamed on the loss."""
     training.train_and_evaluate(tiny_config(num_epochs=3), tmp_path / "reference")

@@ -121,6 +121,7 @@ def test_bfloat16_run_learns_the_smoke_data(tmp_path):
 # ----------------------------------------------------------------------------- seeds
 
 
+@pytest.mark.exact
 def test_vmapped_seeds_equal_single_runs(tmp_path):
     """Replica i of ``num_seeds=2`` (one vmapped program) is the single run with seed ``seed + i``.
 
@@ -152,6 +153,7 @@ def test_vmapped_seeds_equal_single_runs(tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.exact
 def test_resume_equals_uninterrupted_run(tmp_path):
     kw = dict(log_every_steps=1)  # 2 steps per epoch, the learning rate drops after epoch 1
     training.train_and_evaluate(tiny_config("resnet4", "anodev2_conf1", num_epochs=2, **kw), tmp_path / "full")
@@ -385,6 +387,7 @@ def test_whole_epoch_call_lowers_for_gpu_as_one_loop_over_the_epoch():
     assert "callback" not in text and "stablehlo.custom_call" not in text
 
 
+@pytest.mark.exact
 def test_four_devices_equal_one_device():
     """Two data-parallel steps over 4 (fake CPU) devices equal the same steps on 1 device."""
     # Optimization level 0: XLA:CPU compiles threefry and the model ~5x faster; both sides alike.

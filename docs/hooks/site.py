@@ -4,7 +4,8 @@
   ``docs/``: they are added to the site as ``notebooks/<name>.ipynb`` for mkdocs-jupyter,
   which executes and renders them with their outputs.
 - Their kernel starts with XLA's CPU optimizations turned down, as in the test suite (the
-  notebooks compile many tiny programs, ~2.5x faster so), and matplotlib's Agg backend.
+  notebooks compile many tiny programs, ~2.5x faster so); matplotlib keeps the kernel's
+  inline backend, so the figures are in the page.
 - ``<!-- config-fields -->`` in a page becomes the table of every config field of
   ``configs/default.py``: its default, what it must be (``run_config.FIELD_CHECKS``), the
   comment beside it, and whether a resumed run may change it. Generated, so it cannot drift.
@@ -39,14 +40,15 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 CONFIG_MARKER = "<!-- config-fields -->"
 TOP_LEVEL_MARKER = "<!-- top-level-names -->"
 REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>\s*')
-REMOTE_ANY = re.compile(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]*"', re.I)
+# nbconvert's Mermaid loader: an inline module that imports Mermaid from a CDN when a page has diagrams
+REMOTE_MODULE = re.compile(r'<script type="module">(?:(?!</script>).)*?import\("https?://(?:(?!</script>).)*?</script>\s*', re.S)
+REMOTE_ANY = re.compile(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]*"|import\(["\']https?://', re.I)
 
 
 def on_config(config):
     flags = os.environ.get("XLA_FLAGS", "")
     if FAST_COMPILE not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE}".strip()
-    os.environ.setdefault("MPLBACKEND", "Agg")
     return config
 
 
@@ -59,57 +61,66 @@ def on_files(files, config):
     return files
 
 
-def _default_comments() -> dict[str, str]:
-    """The comment after each ``config.FIELD = ...`` line of configs/default.py."""
-    comments = {}
-    for line in (REPO / "configs" / "default.py").read_text().splitlines():
-        m = re.match(r"\s*config\.(\w+)\s*=.*?#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
-    return comments
+def _default_fields() -> list[tuple[str, str, str]]:
+    """``(field, section, comment)`` for each ``config.FIELD = ...`` of configs/default.py, in the file's order.
 
-
-def _section_titles() -> dict[str, str]:
-    """The ``# --- section`` comment each field of configs/default.py's get_config sits under."""
-    titles, current = {}, ""
+    The section is the ``# --- section: ...`` comment above the field. The comment is the
+    one at the end of the field's line, else the comment lines just above it (the
+    section's text after its colon included). ``ConfigDict.keys()`` is sorted, hence this.
+    """
+    fields, section, above = {}, "", []
     for line in (REPO / "configs" / "default.py").read_text().splitlines():
-        m = re.match(r"\s*# --- (.*)$", line)
+        stripped = line.strip()
+        m = re.match(r"# --- ([^:]*):?\s*(.*)$", stripped)
         if m:
-            current = m.group(1).split(":")[0].strip()
-        f = re.match(r"\s*config\.(\w+)\s*=", line)
-        if f and f.group(1) not in titles:
-            titles[f.group(1)] = current
-    return titles
+            section, above = m.group(1).strip(), [m.group(2)] if m.group(2) else []
+            continue
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        f = re.match(r"config\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", stripped)
+        if f and f.group(1) not in fields:
+            fields[f.group(1)] = (f.group(1), section, (f.group(2) or " ".join(above)).strip())
+        above = []
+    return list(fields.values())
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def config_table() -> str:
-    """Markdown tables of every field of configs/default.py, one per section of the file."""
+    """Markdown tables of every field of configs/default.py, one per section of the file, in its order."""
     import importlib.util
 
-    from anodev2_jax.run_config import FIELD_CHECKS, RESUMABLE_FIELDS
+    from anodev2_jax.run_config import FIELD_CHECKS, KNOB_FIELDS, RESUMABLE_FIELDS
 
     spec = importlib.util.spec_from_file_location("default_config", REPO / "configs" / "default.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    comments, sections = _default_comments(), _section_titles()
+    fields = _default_fields()
+    listed = {name for name, _, _ in fields}
+    for name in sorted(set(config.keys()) - listed):
+        log.error("config field %s of configs/default.py is not set on a line of its own (config.%s = ...)", name, name)
     missing = sorted(set(config.keys()) ^ set(FIELD_CHECKS))
     if missing:
         log.error("config fields of configs/default.py and run_config.FIELD_CHECKS differ: %s", ", ".join(missing))
     out, last = [], None
-    for name in config.keys():  # ConfigDict keeps insertion order: the file's order
-        if sections.get(name) != last:
-            last = sections.get(name)
-            out += ["", f"**{last}**", "", "| field | default | must be | notes | resume may change |", "|---|---|---|---|:-:|"]
+    for name, section, comment in fields:
+        if name not in config:
+            continue
+        if section != last:
+            last = section
+            out += ["", f"**{section}**", "", "| field | default | must be | notes | resume may change |", "|---|---|---|---|:-:|"]
         value = config[name]
         _, what = FIELD_CHECKS[name](value) if name in FIELD_CHECKS else (None, "?")
-        default = "None (the method's default)" if value is None else f"`{value!r}`"
+        if value is None:
+            default = "None (the method's default)" if name in KNOB_FIELDS else "None"
+        else:
+            default = f"`{value!r}`"
         resumable = "yes" if name in RESUMABLE_FIELDS else ""
-        out.append(f"| `{name}` | {_cell(default)} | {_cell(what)} | {_cell(comments.get(name, ''))} | {resumable} |")
+        out.append(f"| `{name}` | {_cell(default)} | {_cell(what)} | {_cell(comment)} | {resumable} |")
     return "\n".join(out).strip() + "\n"
 
 
@@ -198,7 +209,7 @@ def on_page_content(html, page, config, files):
         for name in declared_all(module):
             if f'id="{module}.{name}"' not in html:
                 log.error("%s: %s.%s (in __all__) is not rendered", page.file.src_uri, module, name)
-    html = REMOTE_SCRIPT.sub("", html)
+    html = REMOTE_MODULE.sub("", REMOTE_SCRIPT.sub("", html))
     for m in REMOTE_ANY.finditer(html):
         log.error("%s loads %s from the network; the site must work offline", page.file.src_uri, m.group(0))
     return html

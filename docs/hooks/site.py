@@ -86,7 +86,9 @@ def _default_fields() -> list[tuple[str, str, str]]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("*", "\\*")
+    """``text`` for a Markdown table cell: ``|`` and ``*`` escaped outside code spans (inside, they are literal)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|").replace("*", "\\*") for p in parts)
 
 
 def config_table() -> str:
@@ -137,7 +139,8 @@ def _summary(module: str, name: str) -> str:
     path = REPO / Path(*module.split(".")).with_suffix(".py")
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
-            return (ast.get_docstring(node) or "").strip().splitlines()[0].replace("``", "`")
+            line = (ast.get_docstring(node) or "").strip().splitlines()[0].replace("``", "`")
+            return re.sub(r":\w+:`~?([\w.]+)`", r"`\1`", line)  # Sphinx roles, as code
     return ""
 
 
@@ -145,7 +148,7 @@ def top_level_table() -> str:
     rows = ["| name | defined in | what |", "|---|---|---|"]
     for name, module in top_level_names():
         page = module.split(".", 1)[1]
-        rows.append(f"| [`anodev2_jax.{name}`][{module}.{name}] | [`{module}`]({page}.md) | {_cell(_summary(module, name))} |")
+        rows.append(f"| [`anodev2_jax.{name}`][{module}.{name}] | [`{page}`]({page}.md) | {_cell(_summary(module, name))} |")
     return "\n".join(rows) + "\n"
 
 

@@ -120,7 +120,8 @@ def fits_on_devices(nbytes: int, mesh: Mesh) -> bool:
     return nbytes <= DEVICE_DATA_FRACTION * limit
 
 
-ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
 def maybe_initialize_distributed(config) -> None:

@@ -9,7 +9,7 @@ steps 3-4), each in a fresh process per instruction set (``XLA_FLAGS=--xla_cpu_m
 the native one, AVX2, AVX, SSE4_2, which emulate older CPUs), and prints the largest
 relative difference (``max |x - y| / max |y|`` over every float leaf of the final state, and
 the test loss) against the native one-step-per-call run, next to what a real change does
-(the learning rate 1% higher; the fixture resumed with lr 1% higher). Both XLA optimization
+(the learning rate 1% higher; the fixture continued with lr 1% higher). Both XLA optimization
 levels are measured: the default (what ``train.py`` runs) and 0 (what the test suite runs)::
 
     python benchmarks/round_off.py            # ~5-10 minutes on 2 CPU cores
@@ -68,6 +68,9 @@ for name, k, lr in {engine_runs!r}:
     save(name, out / name, 8, summary)
 for name, lr in {fixture_runs!r}:
     shutil.copytree({fixture!r}, out / name)
+    stored = json.loads((out / name / "config.json").read_text())
+    stored["learning_rate"] = lr  # the continuation's learning rate (a real change where it differs)
+    (out / name / "config.json").write_text(json.dumps(stored))
     summary = training.train_and_evaluate(fixture_config(lr), out / name)
     save(name, out / name, 4, summary)
 """

@@ -34,9 +34,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(p for p in (REPO / "docs").rglob("*.md") if "hooks" not in p.parts)]
 IDS = [p.relative_to(REPO).as_posix() for p in PAGES]
-# Config files that other branches of this session add; a command naming one is reported as
-# pending (skipped) while the file is missing, and checked like any other once it exists.
-PENDING_CONFIGS = {"configs/digits.py": "dataset=digits, from the wt-data branch"}
 
 
 def _hooks():
@@ -94,7 +91,7 @@ def _check_train(args: list[str]) -> str | None:
         return "no --config"
     file = path.split(":", 1)[0]
     if not (REPO / file).is_file():
-        return f"pending: {file} ({PENDING_CONFIGS[file]})" if file in PENDING_CONFIGS else f"no config file {file}"
+        return f"no config file {file}"
     argv = ["train.py", *args]  # train.py's flags, on a FlagValues of their own
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
@@ -132,7 +129,7 @@ def _check_source_flags(path: pathlib.Path, args: list[str]) -> str | None:
 
 
 def _check_command(command: str) -> str | None:
-    """None if ``command`` checks out, else why not ("pending: ..." for a file another branch adds)."""
+    """None if ``command`` checks out, else why not."""
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
         words = words[1:]
@@ -180,19 +177,15 @@ def _check_command(command: str) -> str | None:
 @pytest.mark.parametrize("page", [p for p in PAGES if "```bash" in p.read_text()], ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shell_commands_are_valid(page, monkeypatch):
     monkeypatch.chdir(REPO)  # config paths are relative to the repository, as the pages say
-    failures, pending = [], []
+    failures = []
     for command in _commands(page.read_text()):
         try:
             why = _check_command(command)
         except (SystemExit, Exception) as e:  # argparse exits; config and flag errors raise
             why = f"{type(e).__name__}: {e}"
-        if why and why.startswith("pending: "):
-            pending.append(f"{command}: {why}")
-        elif why:
+        if why:
             failures.append(f"{command}\n    {why}")
     assert not failures, "\n".join(failures)
-    if pending:
-        pytest.skip("; ".join(pending))
 
 
 def test_the_command_check_rejects_bad_commands(monkeypatch):

@@ -51,7 +51,7 @@ __all__ = [
     "conv_evolution",
     "declare_evolution",
     "declare_time_kernel",
-    "declare_ode_block",
+    "run_ode_block",
     "Conv",
     "ConvParams",
     "StepBatchNorm",
@@ -159,21 +159,29 @@ class StepBatchNorm(nn.Module):
         self.mean.value, self.var.value = stats["mean"], stats["var"]
 
 
-def declare_ode_block(module: nn.Module, cfg: ODEConfig, features: int, kernel_size: int, num_convs: int, use_bias: bool):
-    """Declare an ODE block's variables on ``module`` (inside its compact ``__call__``).
+def run_ode_block(module: nn.Module, cfg: ODEConfig, z, train: bool, *, features: int, kernel_size: int, num_convs: int, use_bias: bool):
+    """Declare an ODE block's variables on ``module`` (inside its compact ``__call__``) and solve it: ``z(1)``.
 
-    Returns ``(params, stats, norms)``: the variable trees of :func:`anodev2_jax.nn.core.ode_block`
-    and the :class:`StepBatchNorm` holders (to store the new statistics with ``set_stats``).
-    Used by the models' :class:`ODEBlock` and by :class:`anodev2_jax.nn.linen.ODEBlock`, so
-    both declare the same variables under the same names.
+    The variables are those of :func:`anodev2_jax.nn.core.ode_block`, which solves the block;
+    the running statistics are stored only when ``train=True``, the ``batch_stats``
+    collection is mutable and the model is not initializing. The body of the models'
+    :class:`ODEBlock` and of :class:`anodev2_jax.nn.linen.ODEBlock`, so both declare the same
+    variables under the same names and compute the same numbers.
     """
+    if z.shape[-1] != features:
+        raise ValueError(f"ODEBlock with features={features} got input with {z.shape[-1]} channels")
     params, stats, norms = {}, {}, {}
     for conv_name, bn_name in layer_names(num_convs):
         params[conv_name] = ConvParams(features, kernel_size, use_bias, cfg, name=conv_name)(features)
         norms[bn_name] = StepBatchNorm(features, cfg.steps_z, cfg.norm == "shared", cfg.bn_momentum, cfg.jnp_dtype, name=bn_name)
         params[bn_name], stats[bn_name] = norms[bn_name]()
     params.update(declare_time_kernel(module, cfg))
-    return params, stats, norms
+    update_stats = train and module.is_mutable_collection("batch_stats") and not module.is_initializing()
+    z1, new_stats = core.ode_block(cfg, z, params, stats, train=train, num_convs=num_convs, update_stats=update_stats)
+    if update_stats:
+        for bn_name, norm in norms.items():
+            norm.set_stats(new_stats[bn_name])
+    return z1
 
 
 class ODEBlock(nn.Module):
@@ -198,18 +206,10 @@ class ODEBlock(nn.Module):
 
     @nn.compact
     def __call__(self, z, train: bool = False):
-        cfg = self.config
-        if z.shape[-1] != self.features:
-            raise ValueError(f"ODEBlock with features={self.features} got input with {z.shape[-1]} channels")
-        params, stats, norms = declare_ode_block(self, cfg, self.features, self.kernel_size, self.num_convs, self.use_bias)
-        update_stats = train and self.is_mutable_collection("batch_stats") and not self.is_initializing()
-        z1, new_stats = core.ode_block(
-            cfg, z, params, stats, train=train, num_convs=self.num_convs, update_stats=update_stats
+        return run_ode_block(
+            self, self.config, z, train,
+            features=self.features, kernel_size=self.kernel_size, num_convs=self.num_convs, use_bias=self.use_bias,
         )
-        if update_stats:
-            for bn_name, norm in norms.items():
-                norm.set_stats(new_stats[bn_name])
-        return z1
 
 
 class DownsampleBlock(nn.Module):

@@ -57,7 +57,7 @@ from jaxtyping import Array, Float
 from anodev2_jax import kernels, ode
 from anodev2_jax.coupled import coupled_block
 from anodev2_jax.evolution import LinearEvolution, MLPField, ODEEvolution, RDAEquation, check_operator, is_operator
-from anodev2_jax.methods import ODEConfig, resolve_config
+from anodev2_jax.methods import DEFAULT_REMAT_BUDGET_MB, ODEConfig, resolve_config
 from anodev2_jax.rda import RDACoeffs, check_coeffs
 from anodev2_jax.time_kernels import DiscreteKernel, ExponentialKernel, is_time_kernel
 
@@ -83,6 +83,7 @@ __all__ = [
     "step_norm_args",
     "update_running_stats",
     "ode_block",
+    "field_config",
     "default_evolve",
     "per_step_mask",
     "stack_per_step",
@@ -256,7 +257,7 @@ def block_config(
     return resolve_config(
         method,
         steps_z=steps_z,
-        steps_w=steps_w,
+        steps_w=steps_z if steps_w is None and evolution is not None else steps_w,  # None: the method's default otherwise
         schedule=schedule,
         solver=solver,
         remat=remat,
@@ -521,10 +522,35 @@ def ode_block(
 # ----------------------------------------------------------------------------- a user's vector field
 
 
+def field_config(
+    *, evolution, time_kernel, steps_z, steps_w, schedule, solver, remat, adjoint, norm, nonlinearity, coeff_granularity,
+    rda_parameterization, dtype,
+) -> ODEConfig:
+    """:func:`block_config` for a block around a user's vector field (``CoupledBlock``): explicit remat, no backsolve.
+
+    ``remat="auto"`` is refused (it needs the field's activations per evaluation, which only
+    the models' own field knows) and so is ``adjoint="backsolve"`` (the field's state cannot
+    be read out of diffrax's solve).
+    """
+    if remat == "auto":
+        raise ValueError(
+            "CoupledBlock: remat='auto' needs the number of activations the field keeps, which only ODEBlock's own "
+            "field knows; use remat='none', 'block', 'step' or 'binomial'"
+        )
+    if adjoint == "backsolve":
+        raise ValueError("CoupledBlock: adjoint='backsolve' is not supported around a user's field; use 'autodiff' or 'discrete'")
+    return block_config(
+        evolution=evolution, time_kernel=time_kernel, steps_z=steps_z, steps_w=steps_w, schedule=schedule, solver=solver,
+        remat=remat, remat_budget_mb=DEFAULT_REMAT_BUDGET_MB, adjoint=adjoint, norm=norm, bn_momentum=0.9,
+        nonlinearity=nonlinearity, coeff_granularity=coeff_granularity, rda_parameterization=rda_parameterization,
+        dtype=dtype,
+    )
+
+
 def default_evolve(path: tuple, leaf) -> bool:
     """The default ``evolve`` predicate: every rank-4 floating parameter (a 2-D convolution kernel) evolves."""
     del path
-    return jnp.ndim(leaf) == 4 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    return len(leaf.shape) == 4 and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def per_step_mask(param_paths: Sequence[tuple], state_paths: Sequence[tuple]) -> tuple[bool, ...]:
@@ -577,9 +603,9 @@ def init_evolution(evolution, key, kernel, cfg: ODEConfig, *, name: str):
     return op
 
 
-def evolution_operator(evolution, learned, cfg: ODEConfig):
-    """The operator of one evolved kernel from its learnable pytree (:func:`init_evolution`'s): named evolutions via :func:`conv_evolution`."""
-    return conv_evolution(learned, cfg) if isinstance(evolution, str) else learned
+def evolution_operator(learned, cfg: ODEConfig, *, named: bool):
+    """The operator of one evolved kernel from its learnable pytree (:func:`init_evolution`'s): via :func:`conv_evolution` when ``named``, else the pytree itself."""
+    return conv_evolution(learned, cfg) if named else learned
 
 
 def init_time_kernel(time_kernel, key, cfg: ODEConfig):
@@ -594,11 +620,9 @@ def init_time_kernel(time_kernel, key, cfg: ODEConfig):
     return time_kernel
 
 
-def time_kernel_operator(time_kernel, learned, cfg: ODEConfig):
-    """K from the learnable pytree of :func:`init_time_kernel` (None: the Dirac delta, by selection)."""
-    if time_kernel is None or isinstance(time_kernel, str):
-        return time_kernel_from_params(learned, cfg)
-    return learned
+def time_kernel_operator(learned, cfg: ODEConfig, *, named: bool):
+    """K from the learnable pytree of :func:`init_time_kernel`: via :func:`time_kernel_from_params` when ``named`` (None: the Dirac delta), else the pytree itself."""
+    return time_kernel_from_params(learned, cfg) if named else learned
 
 
 def field_block(
@@ -632,7 +656,7 @@ def field_block(
 
     Returns:
       ``(z1, new_state)``: ``z(1)`` and the list of state arrays to store (per step: each
-      step's own update; shared: the last step's).
+      step's own update; shared: the last step's), each in its old dtype.
     """
     sg = jax.lax.stop_gradient
     state = [sg(s) for s in state]  # statistics are not differentiated
@@ -664,4 +688,5 @@ def field_block(
     )
     if cfg.norm == "shared":
         new_state = [s[-1] for s in new_state]
-    return z1, list(new_state)
+    # the layers' own dtypes (a Flax BatchNorm keeps float32 statistics of float64 activations)
+    return z1, [new.astype(old.dtype) for new, old in zip(new_state, state)]

@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
-from anodev2_jax import RDACoeffs, RDAEquation, coupled_block, layers, mlp_evolution
+from anodev2_jax import ExponentialKernel, RDACoeffs, RDAEquation, coupled_block, layers, mlp_evolution
 from anodev2_jax.methods import resolve_config
 from anodev2_jax.nn import equinox as neqx
 from anodev2_jax.nn import linen as nlinen
@@ -167,7 +167,7 @@ def _flat(tree):
     return [(tuple(k.key for k in path), a) for path, a in jtu.tree_flatten_with_path(tree)[0]]
 
 
-def _shell_blocks(cfg, variables, adjoint):
+def _shell_blocks(variables, adjoint):
     """The three public ODEBlocks with the models' block's variables."""
     knobs = dict(KNOBS, adjoint=adjoint)
     params, stats = variables["params"], variables["batch_stats"]
@@ -177,17 +177,17 @@ def _shell_blocks(cfg, variables, adjoint):
     eqx_block, eqx_state = eqx.nn.make_with_state(neqx.ODEBlock)(C, dtype=F64, key=jax.random.key(0), **knobs)
     eqx_block = eqx.tree_at(lambda b: b.params, eqx_block, params)
     eqx_state = eqx_state.set(eqx_block.stats, stats)
-    return linen_block, (nnx_block, stats), (eqx_block, eqx_state)
+    return linen_block, nnx_block, (eqx_block, eqx_state)
 
 
 @pytest.mark.exact
 @pytest.mark.parametrize("adjoint", ["autodiff", "discrete"])
 def test_ode_blocks_equal_the_models_block_and_the_pure_coupled_block(adjoint):
-    cfg, model_block, variables, z, cot = _problem(adjoint)
+    _, model_block, variables, z, cot = _problem(adjoint)
     reference = _reference()
     model = _linen_run(model_block, variables, z, cot)
     _assert_close(model, reference, DIFFERENT, "models' block vs pure coupled_block")
-    linen_block, (nnx_block, _), (eqx_block, eqx_state) = _shell_blocks(cfg, variables, adjoint)
+    linen_block, nnx_block, (eqx_block, eqx_state) = _shell_blocks(variables, adjoint)
     _assert_close(_linen_run(linen_block, variables, z, cot), model, SAME, "linen ODEBlock")
     z1, g, gz = _nnx_run(nnx_block, z, cot)
     stats = {bn: {"mean": getattr(nnx_block, bn).mean.get_value(), "var": getattr(nnx_block, bn).var.get_value()} for _, bn in CONVS}
@@ -197,7 +197,7 @@ def test_ode_blocks_equal_the_models_block_and_the_pure_coupled_block(adjoint):
 
     if adjoint == "autodiff":  # eval mode: the running statistics normalize (fresh blocks: NNX's moved in train mode)
         want = model_block.apply(variables, z, train=False)
-        linen_block, (nnx_block, _), (eqx_block, eqx_state) = _shell_blocks(cfg, variables, adjoint)
+        linen_block, nnx_block, (eqx_block, eqx_state) = _shell_blocks(variables, adjoint)
         nnx_block.eval()
         eqx_z1, _ = eqx.filter_jit(eqx.nn.inference_mode(eqx_block))(z.transpose(0, 3, 1, 2), eqx_state)
         got = {
@@ -357,6 +357,48 @@ def test_coupled_blocks_around_users_fields_equal_the_models_block(adjoint):
     block, state, to_model, new_stats = _eqx_coupled(params, stats, adjoint)
     z1, state, g, gz = _eqx_run(block, state, z, cot)
     _assert_close((z1, new_stats(block, state), (to_model(g), gz)), reference, DIFFERENT, "Equinox CoupledBlock")
+
+
+@pytest.mark.exact
+def test_stateless_fields_of_plain_layers_equal_the_pure_coupled_block_with_a_time_kernel():
+    """A conv and tanh as the field (linen and Equinox ``Sequential``s), exponential time kernel: the pure block's numbers."""
+    _, _, variables, z, cot = _problem("autodiff")
+    kernel, rda = variables["params"]["conv1"]["kernel"], _rda(variables["params"]["conv1"])
+    log_rate = jnp.asarray(0.7, F64)
+    knobs = dict(KNOBS, time_kernel="exponential")
+
+    def reference(kernel, rda, log_rate, z):
+        evolution = {"w": RDACoeffs(jnp.abs(rda["rda_d"]), rda["rda_v"], rda["rda_rho"])}
+        f = lambda z, theta: jnp.tanh(_conv(z, theta["w"]))
+        z1 = coupled_block(f, z, {"w": kernel}, evolution, steps_z=STEPS, steps_w=4, schedule="endpoints",
+                           time_kernel=ExponentialKernel(jnp.exp(log_rate)))
+        return jnp.sum(z1 * cot)
+
+    want = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2, 3)))(kernel, rda, log_rate, z)
+
+    field = nn.Sequential([nn.Conv(C, (3, 3), use_bias=False, param_dtype=F64), jnp.tanh])
+    block = nlinen.CoupledBlock(field, param_dtype=F64, **knobs)
+    params = {"field": {"layers_0": {"kernel": kernel}}, "evolution": {"layers_0/kernel": rda}, "time_kernel": {"time_log_rate": log_rate}}
+    assert jax.tree.structure(jax.eval_shape(block.init, jax.random.key(0), z)["params"]) == jax.tree.structure(params)
+    value, (g, gz) = jax.jit(jax.value_and_grad(lambda p, z: jnp.sum(block.apply({"params": p}, z) * cot), argnums=(0, 1)))(params, z)
+    got = (value, (g["field"]["layers_0"]["kernel"], g["evolution"]["layers_0/kernel"], g["time_kernel"]["time_log_rate"], gz))
+    assert max_rel_err(got, want) < DIFFERENT
+
+    field = eqx.nn.Sequential([eqx.nn.Conv2d(C, C, 3, padding=1, use_bias=False, dtype=F64, key=jax.random.key(0)), eqx.nn.Lambda(jnp.tanh)])
+    block = neqx.CoupledBlock(field, dtype=F64, key=jax.random.key(1), **knobs)
+    block = eqx.tree_at(lambda b: (b.field.layers[0].weight, b.evolution, b.time_kernel), block,
+                        (kernel.transpose(3, 2, 0, 1), {"layers/0/weight": rda}, {"time_log_rate": log_rate}))
+
+    @eqx.filter_jit
+    @eqx.filter_value_and_grad
+    def loss(diff):
+        block, z = diff
+        z1, _ = block(z, eqx.nn.State(block))
+        return jnp.sum(z1 * cot.transpose(0, 3, 1, 2))
+
+    value, (g, gz) = loss((block, z.transpose(0, 3, 1, 2)))
+    got = (value, (g.field.layers[0].weight.transpose(2, 3, 1, 0), g.evolution["layers/0/weight"], g.time_kernel["time_log_rate"], gz.transpose(0, 2, 3, 1)))
+    assert max_rel_err(got, want) < DIFFERENT
 
 
 # ----------------------------------------------------------------------------- training on the digits

@@ -9,9 +9,9 @@ One submodule per module system, each with the same two blocks:
 * ``CoupledBlock(field, ...)``: your vector field (a module of that system, with its own
   convolutions and BatchNorms) solved as an ANODEV2 block.
 
-    from anodev2_jax.nn import linen     # linen.ODEBlock, linen.CoupledBlock (nn.Module)
-    from anodev2_jax.nn import nnx       # nnx.Module versions: nnx.Param, nnx.BatchStat, nnx.Rngs
-    from anodev2_jax.nn import equinox   # eqx.Module versions: state in eqx.nn.State
+    from anodev2_jax.nn.linen import ODEBlock, CoupledBlock     # nn.Module s
+    from anodev2_jax.nn.nnx import ODEBlock, CoupledBlock       # nnx.Module s: nnx.Param, nnx.BatchStat, nnx.Rngs
+    from anodev2_jax.nn.equinox import ODEBlock, CoupledBlock   # eqx.Module s: state in eqx.nn.State
 
 Every block runs :mod:`anodev2_jax.nn.core` (:func:`~anodev2_jax.nn.core.ode_block` and
 :func:`~anodev2_jax.nn.core.field_block`), which runs :func:`anodev2_jax.coupled_block`;

@@ -61,7 +61,7 @@ DTYPES = ("float32", "float64")
 # "linear" a learnable dw/dt = G w (evolution.LinearEvolution), "mlp" a small MLP on every
 # kernel slice (evolution.mlp_evolution).
 EVOLUTIONS = ("rda", "rda_equation", "linear", "mlp")
-# The time kernel K of Eq. 2.3d (layers.block_time_kernel): "dirac" is theta = w (the paper's).
+# The time kernel K of Eq. 2.3d (nn.core.time_kernel_from_params): "dirac" is theta = w (the paper's).
 TIME_KERNELS = ("dirac", "exponential", "discrete")
 # How the models' learnable RDA diffusion maps to d >= 0 (layers.rda_diffusion): "abs"
 # (d = |rda_d|, the default: the gradient of d reaches rda_d at full size) or "softplus"
@@ -69,7 +69,7 @@ TIME_KERNELS = ("dirac", "exponential", "discrete")
 # gradient by 1e-3, so d never moved in training: kept for runs written with it).
 RDA_PARAMETERIZATIONS = ("abs", "softplus")
 # Prefixes of the evolution parameters p (Eq. 2.3c) and time-kernel parameters (Eq. 2.3d) in
-# the models' params (layers.declare_evolution, layers.block_time_kernel): masked off weight
+# the models' params (layers.declare_evolution, layers.declare_time_kernel): masked off weight
 # decay and scaled by evolution_lr_scale (optim.py).
 EVOLUTION_PARAM_PREFIXES = ("rda_", "evo_", "time_")
 COMPUTE_DTYPES = DTYPES + ("bfloat16",)

@@ -21,7 +21,7 @@ not ours). Run the optimizer update alone under standard promotion, inside the j
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
 
-Example:
+Examples:
     >>> import anodev2_jax
     >>> w = jnp.ones((3, 3, 2, 4))
     >>> anodev2_jax.evolve_weights(w, anodev2_jax.RDACoeffs(0.1, jnp.zeros(2), 0.0), num_steps=2, dt=0.5).shape

@@ -84,7 +84,7 @@ def _is_concrete(x) -> bool:
 def check_substeps(value, *, name: str = "substeps") -> None:
     """Raise a ValueError unless ``value`` is a Python int >= 1 (sub-steps per weight step).
 
-    Example:
+    Examples:
       >>> check_substeps(2)
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -112,7 +112,7 @@ def is_operator(x) -> bool:
     Returns:
       True when ``x`` is not None, not an ``RDACoeffs`` and ``x.step`` is callable.
 
-    Example:
+    Examples:
       >>> from typing import NamedTuple
       >>> class Decay(NamedTuple):  # dw/dt = -a w, stepped exactly
       ...     a: jax.Array
@@ -142,7 +142,7 @@ def check_operator(op, w, dt: float, *, name: str) -> None:
     Returns:
       None; raises ValueError / TypeError naming ``name`` and the fix.
 
-    Example:
+    Examples:
       >>> check_operator(LinearEvolution.zeros((3, 3)), jnp.zeros((3, 3)), 0.5, name="evolution['w']")
     """
     if not hasattr(w, "ndim") or not 2 <= w.ndim <= 4:
@@ -181,7 +181,7 @@ def evolve(op, w0: Float[Array, "kh kw ..."], *, num_steps: int, dt: float, traj
       The final kernel (``w0``'s shape and dtype), or with ``trajectory=True`` all
       ``num_steps + 1`` kernels stacked on a new leading axis (index 0 is ``w0`` itself).
 
-    Example:
+    Examples:
       >>> evolve(LinearEvolution.zeros((3, 3)), jnp.ones((3, 3)), num_steps=2, dt=0.5, trajectory=True).shape
       (3, 3, 3)
     """
@@ -222,7 +222,7 @@ class AbstractEvolution(eqx.Module):
 
     An ``eqx.Module`` with an abstract ``step`` and a default ``check`` that checks nothing.
 
-    Example:
+    Examples:
       >>> class Scale(AbstractEvolution):  # dw/dt = c w, stepped exactly
       ...     c: jax.Array
       ...     def step(self, w, dt):
@@ -263,7 +263,7 @@ class RDAEquation(AbstractEvolution):
     Concrete ``d``, ``v``, ``rho`` must be finite (and ``d >= 0``). float16 / bfloat16
     kernels are stepped in float32 and rounded back once per step.
 
-    Example:
+    Examples:
       >>> op = RDAEquation(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0, substeps=2)
       >>> op.step(jnp.ones((3, 3, 2, 4)), 0.2).shape
       (3, 3, 2, 4)
@@ -360,7 +360,7 @@ class LinearEvolution(AbstractEvolution):
       generator: ``G``, shape ``(K, K)`` (one generator for every slice) or ``(cout, K, K)``
         (one per output filter), ``K = kh * kw``; real floating point, finite where concrete.
 
-    Example:
+    Examples:
       >>> op = LinearEvolution(0.1 * jnp.eye(9))  # dw/dt = 0.1 w: every value grows by e^{0.1 dt}
       >>> round(float(op.step(jnp.ones((3, 3)), 1.0)[0, 0]), 6)
       1.105171
@@ -385,7 +385,7 @@ class LinearEvolution(AbstractEvolution):
     def zeros(cls, kernel_shape: tuple[int, ...], *, per_filter: bool = False, dtype=jnp.float32) -> "LinearEvolution":
         """``G = 0`` (no evolution) for kernels of ``kernel_shape``; ``per_filter`` gives one ``G`` per output filter.
 
-        Example:
+        Examples:
           >>> LinearEvolution.zeros((3, 3, 2, 4), per_filter=True).generator.shape
           (4, 9, 9)
         """
@@ -431,7 +431,7 @@ class ODEEvolution(AbstractEvolution):
         values; pass everything learnable through ``params``).
       solver, substeps: static.
 
-    Example:
+    Examples:
       >>> q = lambda w, p: p["a"] * jnp.tanh(w)  # a learnable reaction
       >>> op = ODEEvolution(q, {"a": jnp.asarray(-0.5)}, solver="rk4", substeps=2)
       >>> op.step(jnp.ones((3, 3)), 0.25).shape, op.rhs(jnp.ones((3, 3))).shape
@@ -472,7 +472,7 @@ class MLPField:
     ``q = W2^T activation(W1^T x + b1) + b2``, reshaped back. A frozen dataclass, so equal
     fields compare equal and jit caches hit across calls.
 
-    Example:
+    Examples:
       >>> params = {"w1": jnp.ones((9, 2)), "b1": jnp.zeros(2), "w2": jnp.zeros((2, 9)), "b2": jnp.zeros(9)}
       >>> MLPField()(jnp.ones((3, 3, 2, 4)), params).shape  # zero last layer: q = 0
       (3, 3, 2, 4)
@@ -516,7 +516,7 @@ def mlp_evolution(
     Returns:
       An ``ODEEvolution`` with ``params = {"w1": (K, hidden), "b1": (hidden,), "w2": (hidden, K), "b2": (K,)}``.
 
-    Example:
+    Examples:
       >>> op = mlp_evolution(jax.random.PRNGKey(0), (3, 3, 2, 4), hidden=8)
       >>> op.params["w1"].shape, bool(jnp.all(op.step(jnp.ones((3, 3, 2, 4)), 0.2) == 1))  # q = 0 at init
       ((9, 8), True)

@@ -181,7 +181,7 @@ def get_model(name: str, method: str, **overrides) -> nn.Module:
     Raises:
       ValueError: unknown name, method or knob, or a bad knob value (before any compute).
 
-    Example:
+    Examples:
       >>> model = get_model("resnet4", "anodev2_conf2")  # Table 4's configuration 2 (Appendix B)
       >>> model.config.steps_z, model.config.steps_w, model.config.schedule
       (2, 10, 'endpoints')

@@ -92,7 +92,7 @@ PyTree = Any
 def check_num_steps(name: str, value) -> None:
     """Raise a ValueError unless ``value`` is a Python int >= 1 (a number of time steps).
 
-    Example:
+    Examples:
       >>> check_num_steps("steps_z", 5)
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -102,7 +102,7 @@ def check_num_steps(name: str, value) -> None:
 def check_choice(name: str, value, allowed: Sequence[str]) -> None:
     """Raise a ValueError naming ``name`` and the allowed values unless ``value`` is one of them.
 
-    Example:
+    Examples:
       >>> check_choice("solver", "rk4", SOLVERS)
     """
     if value not in allowed:
@@ -112,7 +112,7 @@ def check_choice(name: str, value, allowed: Sequence[str]) -> None:
 def check_leading_axis(tree: PyTree, name: str, num_steps: int) -> None:
     """Raise a ValueError unless every leaf of ``tree`` has a leading axis of length ``num_steps``.
 
-    Example:
+    Examples:
       >>> check_leading_axis({"scale": jnp.ones((5, 16))}, "step_args", 5)
     """
     for leaf in jax.tree_util.tree_leaves(tree):
@@ -126,7 +126,7 @@ def check_leading_axis(tree: PyTree, name: str, num_steps: int) -> None:
 def tree_slice(tree: PyTree, n: int) -> PyTree:
     """Slice ``n`` of the leading axis of every leaf (step ``n``'s weights or ``step_args``).
 
-    Example:
+    Examples:
       >>> tree_slice({"scale": jnp.ones((5, 16))}, 2)["scale"].shape
       (16,)
     """
@@ -148,7 +148,7 @@ def check_state(z0, name: str = "z0") -> None:
     Returns:
       None; raises TypeError naming the dtype and the cast that fixes it.
 
-    Example:
+    Examples:
       >>> check_state(jnp.ones(3))
       >>> check_state(jnp.ones(3, jnp.int32))
       Traceback (most recent call last):
@@ -190,7 +190,7 @@ def apply_f(f, z, theta, args, has_aux):
     Returns:
       ``(dz, aux)``; ``dz`` has ``z``'s shape.
 
-    Example:
+    Examples:
       >>> apply_f(lambda z, th: -th * z, jnp.ones(3), 2.0, None, False)[0].shape
       (3,)
     """
@@ -219,7 +219,7 @@ def apply_f(f, z, theta, args, has_aux):
 def axpy(h, k, z):
     """``z + h * k`` keeping ``z``'s dtype (``h`` is a Python float).
 
-    Example:
+    Examples:
       >>> axpy(0.5, jnp.ones(2), jnp.zeros(2)).tolist()
       [0.5, 0.5]
     """
@@ -447,7 +447,7 @@ def solve_steps(
 def stack_aux(auxs: Sequence[PyTree]) -> PyTree:
     """Stack a list of per-step pytrees on a new leading axis.
 
-    Example:
+    Examples:
       >>> stack_aux([{"m": jnp.zeros(3)}, {"m": jnp.ones(3)}])["m"].shape
       (2, 3)
     """
@@ -494,7 +494,7 @@ def odeint_fixed(
       ``z(1)`` (``z0``'s shape and dtype), or ``(z(1), aux)`` with ``has_aux`` (aux stacked
       on a leading axis of length ``num_steps``).
 
-    Example:
+    Examples:
       >>> z1 = odeint_fixed(lambda z, a: -a * z, jnp.ones(3), 0.75, num_steps=1)  # one Euler step: 1 - 0.75
       >>> z1.tolist()
       [0.25, 0.25, 0.25]
@@ -677,7 +677,7 @@ def odeint_diffrax(
     Returns:
       ``z(1)``, ``z0``'s shape and dtype (``z0`` must be floating point, as in ``odeint_fixed``).
 
-    Example:
+    Examples:
       >>> z1 = odeint_diffrax(lambda z, a: -a * z, jnp.ones(3), 0.75, num_steps=1, adjoint="checkpoint")
       >>> z1.tolist()
       [0.25, 0.25, 0.25]

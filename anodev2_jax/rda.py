@@ -60,7 +60,7 @@ class RDACoeffs(NamedTuple):
     ``RDACoeffs`` is a leaf of ``coupled_block``'s evolution tree (Eq. B.4 with the block's
     ``nonlinearity``), not an evolution operator (it has no ``step``).
 
-    Example:
+    Examples:
       >>> c = RDACoeffs(d=0.1, v=jnp.asarray([0.5, -0.2]), rho=0.0)  # one scalar set per kernel
       >>> per_filter = RDACoeffs(jnp.full(4, 0.1), jnp.zeros((4, 2)), jnp.zeros(4))  # one per output filter
       >>> evolve_weights(jnp.ones((3, 3, 2, 4)), per_filter, num_steps=2, dt=0.5).shape
@@ -75,7 +75,7 @@ class RDACoeffs(NamedTuple):
     def zeros(cls, shape: tuple[int, ...] = (), dtype=jnp.float32) -> "RDACoeffs":
         """Coefficients of the identity evolution (``d = v = rho = 0``) of batch shape ``shape``.
 
-        Example:
+        Examples:
           >>> RDACoeffs.zeros((4,)).v.shape
           (4, 2)
         """
@@ -158,7 +158,7 @@ def check_step_length(dt, *, name: str = "dt") -> None:
     Returns:
       None; raises ValueError naming the value and the fix.
 
-    Example:
+    Examples:
       >>> check_step_length(0.25)
       >>> check_step_length(-0.25)
       Traceback (most recent call last):
@@ -188,7 +188,7 @@ def compute_dtype(dtype):
     precision (relative ``2^-11`` for float16, ``2^-8`` for bfloat16) on top of the float32
     step. float32 and float64 kernels run in their own dtype, unchanged.
 
-    Example:
+    Examples:
       >>> compute_dtype(jnp.bfloat16), compute_dtype(jnp.float32)
       (dtype('float32'), dtype('float32'))
     """
@@ -231,7 +231,7 @@ def spectral_symbol(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dtype=jnp
     Returns:
       Complex array of shape ``(kh, kw) + S``.
 
-    Example:
+    Examples:
       >>> lam = spectral_symbol((3, 3), RDACoeffs(0.1, jnp.zeros(2), 0.0))
       >>> lam.shape, lam.dtype, float(lam[0, 0].real)  # k = 0: no diffusion, no advection
       ((3, 3), dtype('complex64'), 0.0)
@@ -269,7 +269,7 @@ def rda_multiplier(spatial_shape: tuple[int, int], coeffs: RDACoeffs, dt, dtype=
     Returns:
       Complex array of shape ``(kh, kw) + S``.
 
-    Example:
+    Examples:
       >>> rda_multiplier((4, 4), RDACoeffs(0.1, jnp.zeros(2), 0.0), 0.5).shape
       (4, 4)
     """
@@ -296,7 +296,7 @@ def apply_multiplier(w: Float[Array, "kh kw ..."], m: Complex[Array, "kh kw ..."
     Returns:
       Array of ``w``'s shape and dtype.
 
-    Example:
+    Examples:
       >>> w = jnp.arange(9.0).reshape(3, 3)
       >>> m = rda_multiplier((3, 3), RDACoeffs.zeros(), 0.5, w.dtype)  # lam = 0: m = 1, the identity
       >>> bool(jnp.allclose(apply_multiplier(w, m), w))
@@ -387,7 +387,7 @@ def linear_step(w: Float[Array, "kh kw ..."], coeffs: RDACoeffs, dt) -> Float[Ar
     Returns:
       The kernel after the step, ``w``'s shape and dtype.
 
-    Example:
+    Examples:
       >>> w = jnp.zeros((3, 3)).at[1, 1].set(1.0)
       >>> round(float(linear_step(w, RDACoeffs(0.0, jnp.zeros(2), 1.0), 0.5)[1, 1]), 6)  # pure reaction: e^{rho dt}
       1.648721
@@ -408,7 +408,7 @@ def check_kernel(w, *, name: str = "kernel") -> None:
     Returns:
       None; raises ValueError (shape) or TypeError (dtype) naming the fix.
 
-    Example:
+    Examples:
       >>> check_kernel(jnp.zeros((3, 3, 2, 4)))
       >>> check_kernel(jnp.zeros((0, 3)))
       Traceback (most recent call last):
@@ -462,7 +462,7 @@ def evolve_weights(
       The final kernel (same shape and dtype as ``w0``), or the stacked trajectory, shape
       ``(num_steps + 1,) + w0.shape``.
 
-    Example:
+    Examples:
       >>> w0 = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4))
       >>> c = RDACoeffs(d=0.1, v=jnp.asarray([0.5, 0.0]), rho=0.0)
       >>> evolve_weights(w0, c, num_steps=5, dt=0.2, trajectory=True).shape

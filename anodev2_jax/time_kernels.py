@@ -46,7 +46,7 @@ def _check_scalar(x, name: str) -> None:
 def is_time_kernel(x) -> bool:
     """Whether ``x`` is a time kernel (K of Eq. 2.3d; duck-typed: a callable ``weights``, any pytree kind).
 
-    Example:
+    Examples:
       >>> is_time_kernel(DiracKernel()), is_time_kernel(None), is_time_kernel("exponential")
       (True, False, False)
     """
@@ -79,7 +79,7 @@ class DiracKernel(AbstractTimeKernel):
     for bit the behaviour without kernels); ``DiracKernel()`` goes through the weighted
     sum with one-hot weights and equals it to round-off. No parameters.
 
-    Example:
+    Examples:
       >>> DiracKernel().weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
       [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
@@ -126,7 +126,7 @@ class ExponentialKernel(AbstractTimeKernel):
     Attributes:
       log_rate: learnable scalar, shape ``()``, real floating point (``rate``'s dtype).
 
-    Example:
+    Examples:
       >>> kernel = ExponentialKernel(2.0)
       >>> kappa = kernel.weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5]))
       >>> kappa.shape, bool(jnp.allclose(kappa.sum(axis=1), 1.0)), bool(jnp.isclose(kernel.rate, 2.0))
@@ -165,7 +165,7 @@ class ExponentialKernel(AbstractTimeKernel):
     def from_log_rate(cls, log_rate) -> "ExponentialKernel":
         """The kernel with ``rate = exp(log_rate)``, ``log_rate`` a scalar (stored as given: no ``log(exp(x))`` round trip).
 
-        Example:
+        Examples:
           >>> bool(jnp.isclose(ExponentialKernel.from_log_rate(jnp.log(3.0)).rate, 3.0))
           True
         """
@@ -199,7 +199,7 @@ class DiscreteKernel(AbstractTimeKernel):
       values: learnable, shape ``(L,)``, ``L >= 1``; ``values[k]`` weights the weight ``k``
         grid steps back. Concrete values must be finite.
 
-    Example:
+    Examples:
       >>> moving_average = DiscreteKernel(jnp.asarray([0.5, 0.5]))  # theta_n = (w_{idx_n} + w_{idx_n - 1}) / 2
       >>> moving_average.weights(np.array([0.0, 0.5]), np.array([0.0, 0.25, 0.5])).tolist()
       [[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]
@@ -250,7 +250,7 @@ def check_time_kernel(kernel, t, tau, *, name: str = "time_kernel") -> None:
     Returns:
       None; raises TypeError (not a time kernel) or ValueError (shape, dtype, causality, finiteness).
 
-    Example:
+    Examples:
       >>> check_time_kernel(DiscreteKernel(jnp.asarray([0.5, 0.5])), np.array([0.0, 0.5]), np.array([0.0, 0.5]))
     """
     if not is_time_kernel(kernel):

@@ -60,7 +60,7 @@ def trajectory_indices(steps_z: int, steps_w: int, schedule: str) -> tuple[int, 
     Returns:
       A tuple of ``steps_z`` Python ints in ``[0, steps_w]``, non-decreasing.
 
-    Example:
+    Examples:
       >>> trajectory_indices(5, 5, "aligned"), trajectory_indices(2, 10, "endpoints")
       ((0, 1, 2, 3, 4), (0, 10))
     """

@@ -136,10 +136,11 @@ class CoupledBlock(nn.Module):
       time_kernel: None / ``"dirac"``, ``"exponential"``, ``"discrete"`` or a time-kernel pytree.
       evolve: predicate ``evolve(path, leaf) -> bool`` on the field's params (path: tuple
         of names, e.g. ``("Conv_0", "kernel")``); default every rank-4 kernel (HWIO).
-      steps_z, steps_w, schedule, solver, adjoint, norm, nonlinearity, coeff_granularity,
-        rda_parameterization, param_dtype: as in :class:`ODEBlock` (``param_dtype`` is the
-        dtype of the named evolutions' params). remat: ``"none"``, ``"block"``, ``"step"``,
-        ``"binomial"``.
+      steps_z: as in :class:`ODEBlock`, like ``steps_w``, ``schedule``, ``solver``,
+        ``adjoint``, ``norm``, ``nonlinearity``, ``coeff_granularity``,
+        ``rda_parameterization`` and ``param_dtype`` (the dtype of the named evolutions'
+        params).
+      remat: ``"none"``, ``"block"``, ``"step"`` or ``"binomial"``.
 
     Example: ``CoupledBlock(MyField(), steps_z=5)(z, train)`` inside a compact ``__call__``.
     """

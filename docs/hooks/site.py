@@ -208,8 +208,11 @@ def on_nav(nav, config, files):
 
 
 def on_page_content(html, page, config, files):
+    documented = documented_modules()
     for module in DIRECTIVE.findall(page.markdown or ""):
         for name in declared_all(module):
+            if f"{module}.{name}" in documented:  # a subpackage's submodule: rendered on its own page
+                continue
             if f'id="{module}.{name}"' not in html:
                 log.error("%s: %s.%s (in __all__) is not rendered", page.file.src_uri, module, name)
     html = REMOTE_MODULE.sub("", REMOTE_SCRIPT.sub("", html))

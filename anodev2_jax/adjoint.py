@@ -320,7 +320,7 @@ class AdjointGradients(NamedTuple):
         ``ExponentialKernel`` holding ``dJ/dlog_rate``), None without a kernel.
       step_args: ``dJ/dstep_args`` (leading axis ``steps_z``), None without ``step_args``.
 
-    Example:
+    Examples:
       >>> g = AdjointGradients(z0=jnp.ones(2), theta0={}, evolution=None, time_kernel=None, step_args=None)
       >>> g._fields, g.z0.shape
       (('z0', 'theta0', 'evolution', 'time_kernel', 'step_args'), (2,))
@@ -380,7 +380,7 @@ def discrete_adjoint(
       ``(z1, grads)``: the block output ``z(1)`` (``z0``'s shape and dtype) and the
       gradients of ``J`` in the layout ``order`` selects (see :class:`AdjointGradients`).
 
-    Example:
+    Examples:
       >>> f = lambda z, th: jnp.tanh(z @ th["w"][0, 0])  # a 1x1 kernel as a dense layer
       >>> theta0 = {"w": 0.5 * jnp.ones((3, 3, 4, 4))}
       >>> evolution = {"w": RDACoeffs(0.1, jnp.zeros(2), 0.0)}

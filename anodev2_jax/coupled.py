@@ -144,7 +144,7 @@ def coupled_block(
       ``z(1)`` with the shape and dtype of ``z0`` (or ``(z(1), aux)``, aux with a leading
       axis of length ``steps_z``).
 
-    Example:
+    Examples:
       >>> conv = lambda z, w: jax.lax.conv_general_dilated(z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
       >>> f = lambda z, theta: jnp.tanh(conv(z, theta["w"]) + theta["b"].reshape(1, 1, 1, -1))
       >>> theta0 = {"w": 0.1 * jnp.ones((3, 3, 4, 4)), "b": jnp.zeros(4)}
@@ -262,7 +262,7 @@ def coupled_odeint_diffrax(
       ``z(t1)``, ``z0``'s shape and dtype. Gradients flow to ``z0``, ``theta0``, the
       operators' and the kernel's leaves (the kernel's ``log_rate``).
 
-    Example:
+    Examples:
       >>> import diffrax
       >>> f = lambda z, theta: jnp.tanh(z @ theta["w"][0, 0])
       >>> theta0, evolution = {"w": 0.1 * jnp.ones((3, 3, 4, 4))}, {"w": LinearEvolution.zeros((3, 3, 4, 4))}

@@ -87,7 +87,7 @@ def test_help_of_coupled_block_reads_like_a_reference_page():
     assert "coupled_block(f: 'Callable', z0, theta0: 'PyTree', evolution: 'PyTree' = <required>, *, steps_z: 'int'" in text
     sig = inspect.signature(anodev2_jax.coupled_block).parameters
     assert list(sig).index("time_kernel") < list(sig).index("step_args")
-    for needle in ("Eq. 2.3", "Input checks", "Args:", "Returns:", "Example:", "NamedTuple", "time_kernel:", "has_aux:"):
+    for needle in ("Eq. 2.3", "Input checks", "Args:", "Returns:", "Examples:", "NamedTuple", "time_kernel:", "has_aux:"):
         assert needle in text, needle
 
 

@@ -7,8 +7,10 @@ device once per run and each epoch's index array once per epoch; a call then run
 host-device transfer in between; evaluation likewise. "The per-epoch permutation on the
 device" is realised as the host's numpy permutation placed on the device once per epoch
 (:func:`epoch_index_array` says why). :class:`HostEngine` is the per-step path of before
-(batches gathered on the host), used when the data does not fit. Results do not depend on
-``steps_per_call`` (:class:`DeviceEngine`'s docstring says how far that holds).
+(batches gathered on the host), used when the data does not fit. Every ``steps_per_call``
+gives every step the same batch, augmentation key and learning rate; the numbers agree to
+float32 round-off, bitwise only within one compiled program on one machine
+(:class:`DeviceEngine`'s docstring says why).
 """
 
 from __future__ import annotations
@@ -115,15 +117,18 @@ class DeviceEngine:
     mask arrays (sharded along the batch axis), then :meth:`begin_epoch` places each
     epoch's index array. :meth:`train` and :meth:`evaluate` transfer nothing.
 
-    Bitwise equality: on XLA:CPU at its default optimization level a step inside the scan
-    computes exactly what the standalone step computes (checked for ResNet-4 baseline,
-    configurations 1 and 2, batch 8 to 256), so results do not depend on ``steps_per_call``
-    and it may change on resume. At ``--xla_backend_optimization_level=0`` (the test
-    suite's compile-speed setting) XLA:CPU compiles the transposed (input-gradient)
-    convolution inside a loop differently and results differ by round-off from the first
-    step; ``tests/test_engine.py`` therefore compares in a subprocess at the default level.
-    A resume with the same ``steps_per_call`` is bitwise at any level (stops and
-    checkpoints fall on call boundaries, so the resumed calls are the same).
+    What ``steps_per_call`` changes: one step per call and a ``lax.scan`` over several
+    steps are different compiled programs of the same steps. Every value gives every step
+    exactly the same batch, augmentation key and learning rate (``tests/test_engine.py``
+    records them from inside the calls and compares them exactly), and the runs agree to
+    float32 round-off, not bitwise: XLA:CPU may compile the loop's transposed
+    (input-gradient) convolution differently (it does at the test suite's
+    ``--xla_backend_optimization_level=0``), and it generates code for the CPU it runs on,
+    which rounds differently on another CPU (``python benchmarks/round_off.py`` measures
+    both). So ``steps_per_call`` may change on resume, and the run continues to round-off.
+    Bits hold within one program on one machine: a run stopped and resumed with the same
+    ``steps_per_call`` ends bitwise equal to the uninterrupted one (stops and checkpoints
+    fall on call boundaries, so the resumed calls are the same).
     """
 
     def __init__(self, programs: steps.Programs, mesh, ds: data_lib.Dataset, seeds, batch_size: int,

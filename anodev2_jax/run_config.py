@@ -68,7 +68,8 @@ KNOB_FIELDS = (
 # Fields a restart may change: num_epochs, to extend a run (the learning-rate boundaries are
 # absolute epochs, so extending does not move them); where the data is (data_dir); how often
 # to log, evaluate and checkpoint; multi-host start-up; what a non-finite step does; how
-# many steps one jitted call runs (the results do not depend on it). Every
+# many steps one jitted call runs (each step gets the same batch, key and learning rate;
+# the numbers agree to round-off). Every
 # other field must match the run directory's config.json (ODE knobs compared after
 # resolving None to the method's default).
 RESUMABLE_FIELDS = (

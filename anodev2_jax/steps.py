@@ -16,9 +16,10 @@ Two ways to feed a step: :func:`make_train_step` takes a batch gathered on the h
 call per step); :func:`make_train_call` takes the whole training split resident on the
 devices and the epoch's index array, and runs ``length`` steps in one call (``lax.scan``),
 each gathering its own batch on the device (:func:`anodev2_jax.data.gather_rows`) at the
-row the state's step counter points to. Both run the same :func:`train_step_one`, so they
-give the same numbers (bitwise on XLA:CPU at its default optimization level; see
-:mod:`anodev2_jax.engine`). :func:`make_eval_call` is the evaluation counterpart.
+row the state's step counter points to. Both run the same :func:`train_step_one`, so every
+step gets the same batch, key and learning rate either way; they are different compiled
+programs, so the numbers agree to round-off, not bitwise (see :mod:`anodev2_jax.engine`).
+:func:`make_eval_call` is the evaluation counterpart.
 """
 
 from __future__ import annotations

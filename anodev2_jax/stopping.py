@@ -39,7 +39,8 @@ class StopSignals:
       call (``steps_per_call`` steps; one on CPU), finishes that call, saves a checkpoint at
       its last step (and waits for it) and raises
       ``Preempted``; ``train.py`` prints that line and exits ``128 + signum`` (143 for
-      SIGTERM, 130 for SIGINT), and rerunning the same command resumes. A signal during set-up
+      SIGTERM, 130 for SIGINT); the command that line names (``train.py``'s own command line
+      with ``--workdir`` set to the run directory) resumes. A signal during set-up
       or the first compile is acted on after the first call; one after the last step lets
       the run finish (last checkpoint and ``summary.json``) and then stops it.
     * A second signal ends the process at once (``128 + signum``, one line; the checkpoint in

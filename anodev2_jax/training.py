@@ -14,17 +14,19 @@ devices, several steps per call), :mod:`~anodev2_jax.sharding`,
 :mod:`~anodev2_jax.rundir`, :mod:`~anodev2_jax.checkpoints`, :mod:`~anodev2_jax.stopping`,
 :mod:`~anodev2_jax.errors`.
 
-Determinism: on CPU, training is bitwise deterministic for a fixed config and seed: every
-random choice derives from (seed, epoch, step), XLA:CPU runs the same program in the same
-order, and so a run killed (even with SIGKILL) and resumed any number of times ends with
-exactly the params, optimizer state and metrics (timings aside) of an uninterrupted one
-(``tests/test_reliability.py``). It needs the same jax/jaxlib version, XLA flags and device
-count (the gradient all-reduce sums in device order); ``steps_per_call`` may differ at
-XLA:CPU's default optimization level (:mod:`~anodev2_jax.engine`). On GPU this does **not**
-hold by default: XLA:GPU reductions and scatters may use atomics (the order of float additions
-varies run to run) and cuDNN / cuBLAS autotuning may choose different algorithms, so runs
-differ by round-off that training amplifies; ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``
-(with ``--xla_gpu_autotune_level=0`` for fixed algorithm choice) makes them reproducible at
+Determinism: on one machine (CPU), training is bitwise deterministic for a fixed config and
+seed: every random choice derives from (seed, epoch, step), XLA:CPU runs the same program in
+the same order, and so a run killed (even with SIGKILL) and resumed any number of times ends
+with exactly the params, optimizer state and metrics (timings aside) of an uninterrupted one
+(``tests/test_reliability.py``). It needs the same jax/jaxlib version, XLA flags, device
+count (the gradient all-reduce sums in device order) and ``steps_per_call``: another value,
+or another CPU (XLA:CPU compiles for the CPU it runs on), is another compiled program, which
+gives every step the same batch, key and learning rate and the numbers to float32 round-off,
+not bitwise (:mod:`~anodev2_jax.engine`). On GPU bits do **not** hold by default: XLA:GPU
+reductions and scatters may use atomics (the order of float additions varies run to run)
+and cuDNN / cuBLAS autotuning may choose different algorithms, so runs differ by round-off
+that training amplifies; ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` (with
+``--xla_gpu_autotune_level=0`` for fixed algorithm choice) makes them reproducible at
 some speed cost. A resumed GPU run is still a valid continuation, just not a bitwise copy.
 """
 

@@ -79,14 +79,15 @@ def get_config(arg=None):
 
     # --- evaluation, logging, checkpoints
     config.eval_every_epochs = 1
-    config.log_every_steps = 100  # progress line and a metrics.jsonl record; 0: per epoch only
+    config.log_every_steps = 100  # a metrics.jsonl record (and TensorBoard scalars) per seed; 0: per epoch only
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
     config.nonfinite = "stop"  # stop | skip: a NaN / Inf loss or gradient stops the run, or its step is skipped
 
     # --- execution: optimizer steps per jitted call, the data resident on the devices
     # (anodev2_jax/engine.py); 0 = automatic: the whole epoch on GPU / TPU, 1 on CPU. A stop
-    # signal waits for the running call. Results do not depend on it.
+    # signal waits for the running call. Every value gives each step the same batch, key and
+    # learning rate; another value is another compiled program: the numbers agree to round-off.
     config.steps_per_call = 0
 
     # --- multi-host: jax.distributed.initialize() before anything else

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -44,7 +45,10 @@ __all__ = [
 ]
 
 NONFINITE_MODES = ("stop", "skip")  # config.nonfinite: what a NaN / Inf loss or gradient does
-COMPUTE_DTYPES = ("float32", "bfloat16")  # config.dtype: the model knob compute_dtype (params stay float32)
+# config.dtype: float32 (the default) and bfloat16 are the model knob compute_dtype (params
+# stay float32); float64 is the whole model in float64 (params, activations, BatchNorm, the
+# evolution), for reference runs and the exactness tests (needs JAX_ENABLE_X64=1)
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
 # Every Euler step of an ODE block is unrolled into the compiled program (DESIGN.md: a
 # convolution inside a loop trains ~19x slower on XLA:CPU), so compile time grows with
@@ -272,6 +276,11 @@ def validate_config(config) -> None:
             f"config.seed={config['seed']} with num_seeds={config['num_seeds']} runs seeds up to {last_seed}, "
             f"beyond int32 ({MAX_SEED}); lower --config.seed"
         )
+    if config["dtype"] == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "config.dtype='float64' needs 64-bit JAX, which is off; set JAX_ENABLE_X64=1 in the environment "
+            "(or use --config.dtype=float32)"
+        )
     try:
         json.dumps(config_dict(config))
     except TypeError as e:
@@ -279,12 +288,15 @@ def validate_config(config) -> None:
 
 
 def knobs(config) -> dict[str, Any]:
-    """The model knobs of ``config``: its ODE knob fields (None: the method's default) and ``compute_dtype``.
+    """The model knobs of ``config``: its ODE knob fields (None: the method's default) and the dtypes.
 
-    ``config.dtype`` is the model's ``compute_dtype`` knob (the model's own ``dtype`` knob,
-    of its params, stays float32 in training).
+    ``config.dtype`` ``"float32"`` / ``"bfloat16"`` is the model's ``compute_dtype`` knob (its
+    params, BatchNorm statistics and evolution stay float32); ``"float64"`` makes the whole
+    model float64 (``dtype="float64"``, computing in it).
     """
-    return {**{k: config[k] for k in KNOB_FIELDS}, "compute_dtype": config.get("dtype", "float32")}
+    dtype = config.get("dtype", "float32")
+    dtypes = {"dtype": "float64", "compute_dtype": None} if dtype == "float64" else {"compute_dtype": dtype}
+    return {**{k: config[k] for k in KNOB_FIELDS}, **dtypes}
 
 
 def legacy_defaults(stored: Optional[dict[str, Any]]) -> dict[str, Any]:

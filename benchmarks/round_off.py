@@ -3,7 +3,8 @@
 XLA:CPU generates code for the CPU it runs on, and two programs of the same math (one step
 per call against a ``lax.scan`` over steps) may round float32 differently. This script
 trains the run of ``tests/test_engine.py``'s steps_per_call test (ResNet-4 baseline, 32
-synthetic images, batch 8, 2 epochs: 8 SGD steps at lr 0.01) and the resume of the
+synthetic images, batch 8, 2 epochs: 8 SGD steps at lr 0.01; in float32, and in float64 as
+the test runs it) and the resume of the
 committed pre-layout fixture (``tests/test_checkpoints.py``: ResNet-4 configuration 2,
 steps 3-4), each in a fresh process per instruction set (``XLA_FLAGS=--xla_cpu_max_isa=...``:
 the native one, AVX2, AVX, SSE4_2, which emulate older CPUs), and prints the largest
@@ -47,11 +48,11 @@ from anodev2_jax import checkpoints, training
 
 out = Path({out!r})
 
-def engine_config(k, lr):
+def engine_config(k, lr, dtype):
     config = default.get_config("baseline")
     config.dataset, config.num_train, config.num_test, config.batch_size = "synthetic", 32, 12, 8
     config.num_epochs, config.lr_boundaries_epochs, config.learning_rate = 2, (1,), lr
-    config.log_every_steps, config.steps_per_call = 3, k
+    config.log_every_steps, config.steps_per_call, config.dtype = 3, k, dtype
     return config
 
 def fixture_config(lr):
@@ -65,8 +66,8 @@ def save(name, workdir, step, summary):
     leaves = {{jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}}
     np.savez(out / f"{{name}}.npz", test_loss=np.asarray(summary["test_loss"]), **leaves)
 
-for name, k, lr in {engine_runs!r}:
-    summary = training.train_and_evaluate(engine_config(k, lr), out / name)
+for name, k, lr, dtype in {engine_runs!r}:
+    summary = training.train_and_evaluate(engine_config(k, lr, dtype), out / name)
     save(name, out / name, 8, summary)
 for name, lr in {fixture_runs!r}:
     shutil.copytree({fixture!r}, out / name)
@@ -113,20 +114,21 @@ def max_rel(a: dict, b: dict) -> tuple[float, float]:
     return state, loss
 
 
-def fixture_deviation(got: dict, expected: dict) -> tuple[float, float]:
-    """In the terms of tests/test_checkpoints.py: the largest relative deviation of the records'
-    numbers and of each leaf's sums and first entry (over the leaf's L1 norm), and of the test loss."""
-    dev = 0.0
+def fixture_deviation(got: dict, expected: dict) -> tuple[float, float, float]:
+    """In the terms of tests/test_checkpoints.py, the largest relative deviation of: each leaf's sum,
+    absolute sum and first entry (over the leaf's L1 norm); the records' numbers; the test loss."""
+    leaves = 0.0
     for key, (total, abs_total, first) in got["digest"].items():
         want = expected["checkpoint_4"][key]
         scale = max(want["abs_sum"], 1e-30)
-        dev = max(dev, abs(abs_total - want["abs_sum"]) / scale, abs(total - want["sum"]) / scale, abs(first - want["first"]) / scale)
+        leaves = max(leaves, abs(abs_total - want["abs_sum"]) / scale, abs(total - want["sum"]) / scale, abs(first - want["first"]) / scale)
+    records = 0.0
     for rec, want in zip(got["metrics"], expected["metrics"]):
         for k, v in want.items():
             if isinstance(v, float) and k not in ("images_per_s", "epoch_time_s"):
-                dev = max(dev, abs(rec[k] - v) / max(abs(v), 1e-30))
+                records = max(records, abs(rec[k] - v) / max(abs(v), 1e-30))
     loss = abs(got["test_loss"][0] - expected["test_loss"][0]) / abs(expected["test_loss"][0])
-    return max(dev, loss), loss
+    return leaves, records, loss
 
 
 def main(argv=None) -> int:
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--isas", nargs="+", default=["native", "AVX2", "AVX", "SSE4_2"])
     p.add_argument("--levels", nargs="+", default=["default", "0"], help="XLA backend optimization levels")
     args = p.parse_args(argv)
-    engine_runs = [("k1", 1, 0.01), ("k3", 3, 0.01), ("epoch", 4, 0.01)]
+    engine_runs = [(f"{name}_{dtype}", k, 0.01, dtype) for dtype in ("float32", "float64") for name, k in (("k1", 1), ("k3", 3), ("epoch", 4))]
     fixture_runs = [("fixture", 0.01)]
     root = Path(tempfile.mkdtemp(prefix="round_off-"))
     rows = []
@@ -147,28 +149,32 @@ def main(argv=None) -> int:
                 out = root / f"{level}-{isa}"
                 out.mkdir()
                 native = isa == args.isas[0]
-                extra_e = [("k1_lr+1%", 1, 0.0101)] if native else []
+                extra_e = [(f"k1_{d}_lr+1%", 1, 0.0101, d) for d in ("float32", "float64")] if native else []
                 extra_f = [("fixture_lr+1%", 0.0101)] if native else []
                 run_worker(isa, level, out, engine_runs + extra_e, fixture_runs + extra_f)
                 results[isa] = {f.stem: dict(np.load(f)) for f in out.glob("*.npz")}
                 results[isa].update({f.stem: json.loads(f.read_text()) for f in out.glob("*.json")})
             ref = results[args.isas[0]]
-            for isa in args.isas:
-                for name in ("k1", "k3", "epoch"):
-                    if isa == args.isas[0] and name == "k1":
-                        continue
-                    rows.append((level, f"steps_per_call {name} on {isa}", "vs k1 native", *max_rel(results[isa][name], ref["k1"])))
-            rows.append((level, "k1 with lr 0.0101 (a real change)", "vs k1 native", *max_rel(ref["k1_lr+1%"], ref["k1"])))
+            for dtype in ("float32", "float64"):
+                for isa in args.isas:
+                    for name in ("k1", "k3", "epoch"):
+                        if isa == args.isas[0] and name == "k1":
+                            continue
+                        state, loss = max_rel(results[isa][f"{name}_{dtype}"], ref[f"k1_{dtype}"])
+                        rows.append((level, dtype, f"steps_per_call {name} on {isa}", "k1 native", state, None, loss))
+                state, loss = max_rel(ref[f"k1_{dtype}_lr+1%"], ref[f"k1_{dtype}"])
+                rows.append((level, dtype, "k1, lr 0.0101 (a real change)", "k1 native", state, None, loss))
             expected = json.loads((REPO / "tests" / "fixtures" / "run_before_layout_expected.json").read_text())
             for isa in args.isas:
-                rows.append((level, f"fixture resume on {isa}", "the recorded result", *fixture_deviation(results[isa]["fixture"], expected)))
-            rows.append((level, "fixture resume, lr 0.0101 (a real change)", "the recorded result", *fixture_deviation(ref["fixture_lr+1%"], expected)))
+                rows.append((level, "float32", f"fixture resume on {isa}", "the recorded result", *fixture_deviation(results[isa]["fixture"], expected)))
+            rows.append((level, "float32", "fixture resume, lr 0.0101 (a real change)", "the recorded result", *fixture_deviation(ref["fixture_lr+1%"], expected)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("| XLA level | run | against | largest rel. difference (the test's measure) | rel. diff of the test loss |")
-    print("|---|---|---|---:|---:|")
-    for level, run, against, state, loss in rows:
-        print(f"| {level} | {run} | {against} | {state:.2e} | {loss:.2e} |")
+    print("| XLA level | dtype | run | against | state (largest leaf rel. diff; fixture: sums over L1 norm) | records | test loss |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for level, dtype, run, against, state, records, loss in rows:
+        rec = "" if records is None else f"{records:.2e}"
+        print(f"| {level} | {dtype} | {run} | {against} | {state:.2e} | {rec} | {loss:.2e} |")
     return 0
 
 

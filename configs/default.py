@@ -46,7 +46,8 @@ def get_config(arg=None):
     config.time_kernel = config_dict.placeholder(str)  # dirac (default) | exponential | discrete
     config.rda_parameterization = config_dict.placeholder(str)  # abs (d = |rda_d|, default) | softplus
     # float32 | bfloat16: the activations' and convolutions' dtype; params, BatchNorm
-    # statistics and the RDA evolution stay float32 (the usual choice on Hopper GPUs and TPUs)
+    # statistics and the RDA evolution stay float32 (bfloat16: the usual choice on Hopper GPUs
+    # and TPUs). float64: the whole model in float64, for reference runs (JAX_ENABLE_X64=1)
     config.dtype = "float32"
 
     # --- data: anodev2_jax.data.load_dataset

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from configs import default, smoke
 
 from anodev2_jax import methods, run_config, steps, training
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_fields_are_the_validated_ones():
@@ -142,3 +146,21 @@ def test_unknown_field_suggests_the_close_one():
         config.metod = "anode"
     with pytest.raises(training.ConfigError, match=r"unknown config field\(s\) metod \(did you mean method\?\); remove"):
         training.validate_config(config)
+
+
+def test_float64_training_needs_64_bit_jax():
+    """config.dtype='float64' is the whole model in float64; without JAX_ENABLE_X64 it is one line, before any work."""
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from configs import default; "
+        "from anodev2_jax import run_config; from anodev2_jax.errors import ConfigError\n"
+        "config = default.get_config(); config.dtype = 'float64'\n"
+        "assert run_config.knobs(config)['dtype'] == 'float64' and run_config.knobs(config)['compute_dtype'] is None\n"
+        "try:\n    run_config.validate_config(config)\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO)], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == (
+        "config.dtype='float64' needs 64-bit JAX, which is off; set JAX_ENABLE_X64=1 in the environment "
+        "(or use --config.dtype=float32)"
+    )

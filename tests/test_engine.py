@@ -161,14 +161,14 @@ def _leaves(state):
 # differently (at the suite's optimization level XLA:CPU compiles the loop's transposed
 # convolution differently; a CPU with other vector units rounds differently again). In
 # float32 that is ~1e-6 relative per leaf, but a max pool's arg-max (ResNet-4 pools 8x8 at
-# its end) or a ReLU at zero can flip at a near tie and route a gradient elsewhere: measured
-# up to 1e-2 in a momentum leaf after these 8 steps (benchmarks/round_off.py), so float32
-# states cannot be compared tightly. The test trains the model in float64
-# (config.dtype="float64"), where near ties within round-off do not occur: measured at most
-# ~1.5e-10 relative (largest leaf difference over the leaf's largest entry) between the
-# programs and between native, AVX2, AVX and SSE4_2 code, while a real difference (a step
-# that saw another batch or key, an update missed, the learning rate 1% off) moves these
-# leaves by >1e-1 relative. 1e-8 keeps 60x margin over round-off and 10^7 below a real change.
+# its end) can flip at a near tie and route a gradient elsewhere: measured 1e-2 in a momentum
+# leaf after these 8 steps on SSE4_2 and AVX2 code (benchmarks/round_off.py), so float32 states
+# cannot be compared tightly. The test trains the model in float64 (config.dtype="float64"):
+# there the three programs agree to <= 1e-15 on each of native, AVX2, AVX and SSE4_2 code
+# (mostly bit for bit) at the suite's level, and the instruction sets differ from each other
+# by up to 1.5e-10 (1.1e-6 at XLA's default level), while a real difference (a step that saw
+# another batch or key, an update missed, the learning rate 1% off) moves these leaves by 0.29
+# relative. 1e-8 sits far above the round-off between programs and far below a real change.
 _ROUND_OFF = 1e-8
 
 

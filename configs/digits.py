@@ -14,9 +14,9 @@ SGD with momentum 0.9 and weight decay 5e-4 (as ``default.py``), batch 100, 25 e
 crop with 4 pixels of zero padding, no flip: a mirrored digit is another digit; with
 CIFAR's flip every row of the README's evolution study plateaued near 80% test accuracy).
 
-Measured with this command (2-core CPU shared with other jobs): test accuracy 97.78%
-(seed 0), 96.94% (seed 1), 98.89% (seed 2); seed 0 took 7.4 minutes of wall time and 3.1
-CPU-minutes (user + system). While choosing it (seed 1, the slowest of the three to
+Measured with this command: test accuracy 97.78% (seed 0), 96.94% (seed 1), 98.89%
+(seed 2); seed 0 took 86 s of wall time (2.6 CPU-minutes) on a quiet 2-core AMD EPYC VM
+(2026-12-03; 7.4 minutes while the 2 cores were shared with other jobs). While choosing it (seed 1, the slowest of the three to
 learn): 15 epochs at a constant 0.01 end at 84.4% (the test accuracy swings by 10-30
 points between epochs), 15 with the decay at 10 at 93.9% (93.6% at batch 50, 91.4% at
 lr 0.02; 0.05 diverges for this architecture); without augmentation (15 epochs, decay at

@@ -306,8 +306,8 @@ def test_a_full_disk_while_tensorboard_writes_exits_4_at_once_and_resumes(tmp_pa
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     found = re.fullmatch(
         rf"error: writing {re.escape(str(work / 'tensorboard' / 'seed0'))}/events\.out\.tfevents\.\d+\.\S+ failed: "
-        r"No space left on device \(ENOSPC\); free disk space or fix the permissions there, then rerun the same "
-        rf"command: it resumes from the last complete checkpoint {re.escape(str(ckpt))}/(\d+)",
+        rf"No space left on device \(ENOSPC\); free disk space or fix the permissions there, then run "
+        rf"{re.escape(resume(work))}: it resumes from the last complete checkpoint {re.escape(str(ckpt))}/(\d+)",
         lines[0],
     )
     assert found, lines[0]

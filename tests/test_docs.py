@@ -24,6 +24,7 @@ import importlib.util
 import pathlib
 import re
 import shlex
+import shutil
 import tomllib
 import types
 
@@ -175,6 +176,11 @@ def _check_command(command: str) -> str | None:
         return _check_source_flags(REPO / words[1], words[2:])
     if len(words) >= 2 and words[0] == "bash" and words[1].endswith(".sh"):
         return _check_source_flags(REPO / words[1], words[2:])
+    if words[:2] == ["jupyter", "execute"]:  # nbclient's jupyter-execute, which [dev] installs
+        if shutil.which("jupyter-execute") is None:
+            return "jupyter-execute (nbclient) is not installed"
+        missing = [a for a in words[2:] if not a.startswith("-") and not (REPO / a).is_file()]
+        return f"no notebook {', '.join(missing)}" if missing else None
     if words[:1] == ["mkdocs"] and words[1:2] in (["build"], ["serve"]):
         return None if (REPO / "mkdocs.yml").is_file() else "no mkdocs.yml"
     return f"no check for this kind of command; add one to tests/test_docs.py: {command!r}"
@@ -205,6 +211,7 @@ def test_the_command_check_rejects_bad_commands(monkeypatch):
         "python benchmarks/step_time.py --no-such-flag 1",
         'pip install -e ".[nosuchextra]"',
         "pytest tests/test_nothing.py",
+        "jupyter execute notebooks/no_such.ipynb",
         "rm -rf runs",
     ]
     for command in bad:

@@ -13,13 +13,13 @@
 #   QUICK=1 ALLOW_CPU=1 bash benchmarks/gpu.sh   # dry run of the plumbing on a CPU (tiny sizes)
 #
 # Installs nothing: the project runs from this checkout (PYTHONPATH), and its dependencies
-# (jax with CUDA, flax, optax, diffrax, ml_collections, orbax, tensorboardX) must already be
+# (jax with CUDA, flax, optax, diffrax, ml_collections, orbax, tensorboardX, tqdm) must already be
 # importable; the script stops at once, naming what is missing, if they are not.
 #
 # On a machine with no package index (a lent GPU whose image already has jax, flax, optax,
 # diffrax and orbax but not ml_collections or tensorboardX), fetch those two as wheels where
 # pip works and copy the folder over (/.whl/ is git-ignored):
-#   pip download --no-deps -d .whl ml_collections tensorboardX            # where pip works
+#   pip download --no-deps -d .whl ml_collections tensorboardX tqdm       # where pip works (tqdm if missing)
 #   pip install --no-index --no-deps .whl/*.whl && bash benchmarks/gpu.sh  # on the GPU machine
 #
 # Each stage has its own time limit (65 s per training run, 5 minutes for the other stages
@@ -57,7 +57,7 @@ stage() {
 
 "$PY" - <<'EOF' || exit 1
 import importlib, sys
-missing = [m for m in ("jax", "flax", "optax", "diffrax", "ml_collections", "orbax.checkpoint", "tensorboardX", "absl")
+missing = [m for m in ("jax", "flax", "optax", "diffrax", "ml_collections", "orbax.checkpoint", "tensorboardX", "tqdm", "absl")
            if importlib.util.find_spec(m.split(".")[0]) is None]
 if missing:
     sys.exit(f"gpu.sh: missing Python packages {missing}; install the project's dependencies first "
